@@ -1,0 +1,38 @@
+"""Tiny configurations shared by the tests; everything runs on the CPU in seconds."""
+
+import os
+
+# Several fake CPU devices for the sharding tests; must be set before JAX initialises.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import dataclasses  # noqa: E402
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+from transformer_jax import Transformer, TransformerConfig  # noqa: E402
+
+TINY = TransformerConfig(vocab_size=40, d_model=32, d_ff=64, num_heads=4, num_layers=2,
+                         max_len=32, dropout_rate=0.1)
+
+
+def tiny_config(**overrides) -> TransformerConfig:
+  return dataclasses.replace(TINY, **overrides)
+
+
+def init_params(config: TransformerConfig, src: jax.Array, tgt: jax.Array, seed: int = 0):
+  variables = Transformer(config).init(jax.random.key(seed), src, tgt)
+  return nn.meta.unbox(variables)["params"]
+
+
+def random_tokens(key: jax.Array, shape: tuple[int, int], vocab_size: int) -> jax.Array:
+  """Tokens in [4, vocab_size): never padding or a special id."""
+  return jax.random.randint(key, shape, 4, vocab_size, dtype=jnp.int32)
+
+
+@pytest.fixture
+def tiny():
+  return TINY

@@ -1,0 +1,64 @@
+"""Positional encodings, the shared embedding and the feed-forward network (sections 3.3-3.5)."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from conftest import tiny_config
+from transformer_jax.layers import FeedForward, PositionalEncoding, SharedEmbedding, sinusoidal_encoding
+
+
+def test_sinusoidal_encoding_equals_the_papers_formula():
+  d_model, length = 16, 50
+  pe = np.asarray(sinusoidal_encoding(jnp.arange(length)[None], d_model))[0]
+  for pos in range(length):
+    for i in range(d_model // 2):
+      angle = pos / 10000 ** (2 * i / d_model)
+      assert math.isclose(pe[pos, 2 * i], math.sin(angle), abs_tol=1e-5)
+      assert math.isclose(pe[pos, 2 * i + 1], math.cos(angle), abs_tol=1e-5)
+
+
+def test_sinusoidal_encoding_has_no_length_limit_and_follows_given_positions():
+  positions = jnp.asarray([[0, 1, 2, 0, 1, 5000]])
+  pe = sinusoidal_encoding(positions, 8)
+  np.testing.assert_allclose(pe[0, 3], pe[0, 0])
+  np.testing.assert_allclose(pe[0, 4], pe[0, 1])
+  assert np.all(np.isfinite(pe))
+
+
+def test_learned_positions_are_a_table_lookup():
+  config = tiny_config(positional_encoding="learned")
+  module = PositionalEncoding(config)
+  x = jnp.zeros((1, 4, config.d_model))
+  positions = jnp.asarray([[0, 3, 3, 1]])
+  params = nn.meta.unbox(module.init(jax.random.key(0), x, positions))["params"]
+  table = np.asarray(params["position_embedding"])
+  assert table.shape == (config.max_len, config.d_model)
+  np.testing.assert_allclose(module.apply({"params": params}, x, positions)[0], table[[0, 3, 3, 1]])
+
+
+def test_shared_embedding_scales_by_sqrt_d_model_and_attends_with_the_same_matrix():
+  config = tiny_config()
+  module = SharedEmbedding(config)
+  tokens = jnp.asarray([[4, 5, 6]])
+  params = nn.meta.unbox(module.init(jax.random.key(0), tokens))["params"]
+  matrix = np.asarray(params["embedding"])
+  x = module.apply({"params": params}, tokens)
+  np.testing.assert_allclose(x[0], matrix[[4, 5, 6]] * math.sqrt(config.d_model), rtol=1e-6)
+  h = np.random.default_rng(0).normal(size=(1, 3, config.d_model)).astype(np.float32)
+  logits = module.apply({"params": params}, jnp.asarray(h), method=SharedEmbedding.attend)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits[0], h[0] @ matrix.T, rtol=1e-5, atol=1e-5)
+
+
+def test_feed_forward_is_relu_between_two_linear_maps():
+  config = tiny_config()
+  module = FeedForward(config)
+  x = np.random.default_rng(0).normal(size=(2, 3, config.d_model)).astype(np.float32)
+  params = nn.meta.unbox(module.init(jax.random.key(0), jnp.asarray(x)))["params"]
+  p = jax.tree.map(np.asarray, params)
+  expected = np.maximum(0, x @ p["wi"]["kernel"] + p["wi"]["bias"]) @ p["wo"]["kernel"] + p["wo"]["bias"]
+  np.testing.assert_allclose(module.apply({"params": params}, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,147 @@
+"""Scaled dot-product and multi-head attention (section 3.2), their masks and the decoding cache.
+
+Shapes: B batch, T query length, S key/value length, N heads, K query/key width per head (d_k),
+H value width per head (d_v), D d_model.
+
+Masks are boolean, broadcastable to [B, N, T, S], True where a query may attend to a key.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from transformer_jax.config import TransformerConfig
+from transformer_jax.constants import MASK_VALUE, PAD_ID
+
+Array = jax.Array
+
+
+def segment_mask(q_segments: Array, kv_segments: Array) -> Array:
+  """Padding mask, and for packed rows the mask that keeps examples apart.
+
+  A row holds one or more examples, each with its own segment id (1, 2, ...); padding has
+  segment id PAD_ID (0). A real query sees the keys of its own segment. A padding query sees every
+  real key, so that no row of the softmax is empty (its output is never used).
+
+  Args:
+    q_segments: [B, T] segment ids of the queries.
+    kv_segments: [B, S] segment ids of the keys.
+
+  Returns:
+    [B, 1, T, S] boolean mask.
+  """
+  q = q_segments[:, :, None]
+  kv = kv_segments[:, None, :]
+  mask = ((q == kv) | (q == PAD_ID)) & (kv != PAD_ID)
+  return mask[:, None, :, :]
+
+
+def causal_mask(length: int) -> Array:
+  """[1, 1, T, T] mask that lets position t attend to positions <= t only (section 3.2.3)."""
+  return jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None, None]
+
+
+def scaled_dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None) -> tuple[Array, Array]:
+  """softmax(Q K^T / sqrt(d_k)) V, section 3.2.1, with the logits and the softmax in float32.
+
+  Args:
+    q: [B, T, N, K] queries.
+    k: [B, S, N, K] keys.
+    v: [B, S, N, H] values.
+    mask: boolean, broadcastable to [B, N, T, S]; masked logits are set to MASK_VALUE.
+
+  Returns:
+    The attended values [B, T, N, H] in v's dtype, and the attention weights [B, N, T, S] (float32).
+  """
+  logits = jnp.einsum("BTNK,BSNK->BNTS", q, k, preferred_element_type=jnp.float32)
+  logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
+  if mask is not None:
+    logits = jnp.where(mask, logits, MASK_VALUE)
+  weights = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("BNTS,BSNH->BTNH", weights.astype(v.dtype), v)
+  return out, weights
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention, section 3.2.2: h heads projected from d_model, concatenated, projected.
+
+  The same module serves the encoder's self-attention, the decoder's masked self-attention and the
+  decoder's attention over the encoder output (queries from the decoder, keys and values from the
+  encoder). With `decode_index` set it runs one decoding step (or a chunk) against a cache in the
+  "cache" collection: for self-attention the keys and values of earlier positions, for
+  encoder-decoder attention the projected encoder output, computed once.
+  """
+
+  config: TransformerConfig
+  self_attention: bool = True
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None, *,
+               decode_index: Array | None = None) -> Array:
+    """Attends from `inputs_q` [B, T, D] to `inputs_kv` [B, S, D]; returns [B, T, D].
+
+    Args:
+      inputs_q: [B, T, D] the queries' inputs.
+      inputs_kv: [B, S, D] the keys' and values' inputs (the same array for self-attention).
+      mask: boolean, broadcastable to [B, N, T, S]. Ignored for cached self-attention, whose mask
+        follows from `decode_index`.
+      decode_index: for incremental decoding, the position of the first query in the output
+        sequence (an int32 scalar). The first call creates the cache with the length of its input.
+    """
+    cfg = self.config
+    dense = lambda features, axes, name: nn.DenseGeneral(
+        features, axis=-1, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name)
+    heads_k = (cfg.num_heads, cfg.head_dim_k)
+    heads_v = (cfg.num_heads, cfg.head_dim_v)
+
+    q = dense(heads_k, ("embed", "heads", "kv"), "query")(inputs_q)  # [B, T, N, K]
+    if decode_index is not None and not self.self_attention:
+      k, v = self._cached_encoder_kv(inputs_kv, dense, heads_k, heads_v)
+    else:
+      k = dense(heads_k, ("embed", "heads", "kv"), "key")(inputs_kv)  # [B, S, N, K]
+      v = dense(heads_v, ("embed", "heads", "kv"), "value")(inputs_kv)  # [B, S, N, H]
+      if decode_index is not None:
+        k, v, mask = self._update_self_cache(k, v, decode_index)
+
+    if cfg.attention_impl == "einsum":
+      out, weights = scaled_dot_product_attention(q, k, v, mask)
+      self.sow("intermediates", "attention_weights", weights)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+    # W^O: concatenate the heads and project back to d_model.
+    return nn.DenseGeneral(
+        cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        kernel_init=nn.with_logical_partitioning(
+            nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name="out")(out)
+
+  def _update_self_cache(self, k: Array, v: Array, index: Array) -> tuple[Array, Array, Array]:
+    """Writes this chunk's keys and values at `index`; returns the whole cache and its mask."""
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    start = (0, index, 0, 0)
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
+    # Query t sits at position index + t and sees the cache up to that position; later slots hold
+    # nothing yet (or stale values) and are masked.
+    length = cached_k.value.shape[1]
+    query_pos = index + jnp.arange(k.shape[1])
+    mask = jnp.arange(length)[None, :] <= query_pos[:, None]  # [T, L]
+    return cached_k.value, cached_v.value, mask[None, None]
+
+  def _cached_encoder_kv(self, encoded, dense, heads_k, heads_v) -> tuple[Array, Array]:
+    """The projected encoder output: computed on the first call, read from the cache after."""
+    if self.has_variable("cache", "cached_key"):
+      return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+    # Declare the projections here too, so the parameter tree matches the uncached path.
+    k = dense(heads_k, ("embed", "heads", "kv"), "key")(encoded)
+    v = dense(heads_v, ("embed", "heads", "kv"), "value")(encoded)
+    self.put_variable("cache", "cached_key", k)
+    self.put_variable("cache", "cached_value", v)
+    return k, v

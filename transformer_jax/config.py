@@ -1,0 +1,164 @@
+"""Configuration: the model's validated hyperparameters and the run's `ConfigDict`.
+
+`TransformerConfig` is the frozen, validated view of `config.model` that the Flax modules take.
+`base_config()` is the whole run configuration with the paper's base values (Table 3); the files in
+`configs/` start from it and change only what differs, so every field has one definition and a
+misspelled override (`--config.model.num_head=16`) fails because the dict is locked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+
+POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
+NORM_POSITIONS = ("post", "pre")
+ATTENTION_IMPLS = ("einsum", "dot_product")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyperparameters of the Transformer (section 3), checked when built.
+
+  Attributes:
+    vocab_size: V, size of the vocabulary shared by source and target (section 3.4).
+    d_model: width of every sub-layer output and of the embeddings.
+    d_ff: inner width of the position-wise feed-forward network (section 3.3).
+    num_heads: h, the number of attention heads (section 3.2.2).
+    d_k: query/key width per head; None means d_model // num_heads (Table 3 row B sets it alone).
+    d_v: value width per head; None means d_model // num_heads.
+    num_layers: N, the number of layers in the encoder and in the decoder.
+    dropout_rate: P_drop, residual dropout on every sub-layer output and on the embedding sums.
+    max_len: the longest position the model is built for (the size of learned positions).
+    positional_encoding: "sinusoidal" (section 3.5) or "learned" (Table 3 row E).
+    norm_position: "post", LayerNorm(x + Dropout(Sublayer(x))) as in the paper, or "pre",
+      x + Dropout(Sublayer(LayerNorm(x))) with a final LayerNorm on each stack.
+    attention_impl: "einsum" (plain, returns attention weights for inspection) or "dot_product"
+      (`jax.nn.dot_product_attention`, which can use cuDNN flash attention on a GPU).
+    dtype: compute dtype of activations and matmuls ("float32" or "bfloat16"). Logits, softmax
+      and loss stay in float32 whatever this is.
+    param_dtype: storage dtype of the parameters.
+    layer_norm_epsilon: epsilon of every LayerNorm.
+  """
+
+  vocab_size: int = 37000
+  d_model: int = 512
+  d_ff: int = 2048
+  num_heads: int = 8
+  d_k: int | None = None
+  d_v: int | None = None
+  num_layers: int = 6
+  dropout_rate: float = 0.1
+  max_len: int = 256
+  positional_encoding: Literal["sinusoidal", "learned"] = "sinusoidal"
+  norm_position: Literal["post", "pre"] = "post"
+  attention_impl: Literal["einsum", "dot_product"] = "einsum"
+  dtype: Literal["float32", "bfloat16"] = "float32"
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  layer_norm_epsilon: float = 1e-6
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "d_ff", "num_heads", "num_layers", "max_len"):
+      _check_positive_int(name, getattr(self, name))
+    for name in ("d_k", "d_v"):
+      value = getattr(self, name)
+      if value is None:
+        if self.d_model % self.num_heads:
+          raise ValueError(
+              f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; choose "
+              f"num_heads among the divisors of d_model, or set {name} explicitly")
+      else:
+        _check_positive_int(name, value)
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"dropout_rate={self.dropout_rate!r} must lie in [0, 1)")
+    if not self.layer_norm_epsilon > 0:
+      raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon!r} must be positive")
+    _check_choice("positional_encoding", self.positional_encoding, POSITIONAL_ENCODINGS)
+    _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+    _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    _check_choice("dtype", self.dtype, DTYPES)
+    _check_choice("param_dtype", self.param_dtype, DTYPES)
+    if self.attention_impl == "dot_product" and self.head_dim_k != self.head_dim_v:
+      raise ValueError(
+          f"attention_impl='dot_product' needs d_k == d_v, got d_k={self.head_dim_k} and "
+          f"d_v={self.head_dim_v}; use attention_impl='einsum' for Table 3 row B")
+
+  @property
+  def head_dim_k(self) -> int:
+    """d_k, the query and key width of one head."""
+    return self.d_k if self.d_k is not None else self.d_model // self.num_heads
+
+  @property
+  def head_dim_v(self) -> int:
+    """d_v, the value width of one head."""
+    return self.d_v if self.d_v is not None else self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.param_dtype)
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict | dict[str, Any]) -> TransformerConfig:
+    """Builds the validated config from `config.model` (a ConfigDict or a plain dict)."""
+    values = model.to_dict() if isinstance(model, ml_collections.ConfigDict) else dict(model)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown model fields {unknown}; accepted fields: {sorted(known)}")
+    return cls(**values)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The run configuration with the paper's values for the base model (Table 3, section 5).
+
+  Sections: `model` (the fields of `TransformerConfig`), `train` (optimiser, schedule,
+  regularisation) and `decode` (section 6.1). The dict is locked: reading or overriding a key that
+  does not exist raises an error that names it.
+  """
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  model = TransformerConfig()
+  config.model = ml_collections.ConfigDict({
+      f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+  })
+  # None-valued fields need a typed placeholder so that `--config.model.d_k=32` parses as int.
+  config.model.d_k = config_dict.placeholder(int)
+  config.model.d_v = config_dict.placeholder(int)
+
+  config.train = ml_collections.ConfigDict()
+  config.train.num_steps = 100_000  # Base: 100K steps (section 5.2).
+  config.train.warmup_steps = 4000  # Section 5.3.
+  config.train.adam_b1 = 0.9
+  config.train.adam_b2 = 0.98
+  config.train.adam_eps = 1e-9
+  config.train.label_smoothing = 0.1  # epsilon_ls, section 5.4.
+  config.train.tokens_per_batch = 25_000  # Source tokens (and as many target tokens), section 5.1.
+  config.train.checkpoints_to_average = 5  # Section 6.1: 5 for base, 20 for big.
+
+  config.decode = ml_collections.ConfigDict()
+  config.decode.beam_size = 4  # Section 6.1.
+  config.decode.length_penalty = 0.6  # alpha in ((5 + |Y|) / 6) ** alpha.
+  config.decode.max_extra_len = 50  # Maximum output length = input length + 50.
+
+  config.lock()
+  return config

@@ -1,0 +1,111 @@
+"""Embeddings, positional encodings and the position-wise feed-forward network (sections 3.3-3.5).
+
+Shapes: B batch, L length, D d_model, F d_ff, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from transformer_jax.config import TransformerConfig
+
+Array = jax.Array
+
+
+def sinusoidal_encoding(positions: Array, d_model: int) -> Array:
+  """The fixed positional encoding of section 3.5.
+
+  PE(pos, 2i) = sin(pos / 10000^(2i / d_model)) and PE(pos, 2i + 1) = cos(pos / 10000^(2i / d_model)),
+  interleaved as in the paper. Computed from the positions themselves, so it has no length limit
+  and serves packed rows (positions restart per example) and cached decoding alike.
+
+  Args:
+    positions: [B, L] integer positions.
+    d_model: width of the encoding.
+
+  Returns:
+    [B, L, D] float32.
+  """
+  two_i = np.arange(0, d_model, 2, dtype=np.float32)
+  inv_freq = jnp.asarray(1.0 / (10000.0 ** (two_i / d_model)))  # [D/2]
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, D/2]
+  pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)  # [B, L, D/2, 2]
+  return pe.reshape(*positions.shape, -1)[..., :d_model]
+
+
+class SharedEmbedding(nn.Module):
+  """One matrix for the source embedding, the target embedding and the pre-softmax projection.
+
+  Section 3.4: the embeddings are multiplied by sqrt(d_model). The matrix is initialised with
+  standard deviation d_model^-0.5 (as in tensor2tensor), so the scaled embeddings start at unit
+  variance, comparable to the positional encodings they are added to.
+  """
+
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param(
+        "embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=cfg.d_model**-0.5), ("vocab", "embed")),
+        (cfg.vocab_size, cfg.d_model), cfg.weight_dtype)
+
+  def __call__(self, tokens: Array) -> Array:
+    """[B, L] int tokens -> [B, L, D] embeddings times sqrt(d_model), in the compute dtype."""
+    cfg = self.config
+    x = jnp.take(jnp.asarray(self.embedding), tokens, axis=0)
+    return (x * jnp.sqrt(jnp.float32(cfg.d_model)).astype(x.dtype)).astype(cfg.compute_dtype)
+
+  def attend(self, x: Array) -> Array:
+    """The pre-softmax linear layer: [B, L, D] -> [B, L, V] logits, accumulated in float32."""
+    cfg = self.config
+    w = jnp.asarray(self.embedding).astype(cfg.compute_dtype)
+    return jnp.einsum("BLD,VD->BLV", x.astype(cfg.compute_dtype), w, preferred_element_type=jnp.float32)
+
+
+class PositionalEncoding(nn.Module):
+  """Adds position information to [B, L, D] embeddings: sinusoidal (3.5) or learned (Table 3 E)."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array) -> Array:
+    cfg = self.config
+    if cfg.positional_encoding == "sinusoidal":
+      pe = sinusoidal_encoding(positions, cfg.d_model)
+    else:
+      table = self.param(
+          "position_embedding",
+          nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), ("length", "embed")),
+          (cfg.max_len, cfg.d_model), cfg.weight_dtype)
+      pe = jnp.take(table, positions, axis=0)
+    return x + pe.astype(x.dtype)
+
+
+class FeedForward(nn.Module):
+  """Position-wise feed-forward network, section 3.3: max(0, x W1 + b1) W2 + b2."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """[B, L, D] -> [B, L, D] through an inner layer of width d_ff."""
+    cfg = self.config
+    dense = lambda features, axes, name: nn.Dense(
+        features, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name)
+    h = nn.relu(dense(cfg.d_ff, ("embed", "mlp"), "wi")(x))  # [B, L, F]
+    h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+    return dense(cfg.d_model, ("mlp", "embed"), "wo")(h)
+
+
+def layer_norm(config: TransformerConfig, name: str) -> nn.LayerNorm:
+  """A LayerNorm whose scale and offset carry the logical axis name "embed"."""
+  return nn.LayerNorm(
+      epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype, param_dtype=config.weight_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), name=name)
