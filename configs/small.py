@@ -18,5 +18,5 @@ def get_config():
   config.model.max_len = 128
   config.train.num_steps = 6000
   config.train.warmup_steps = 1000
-  config.train.tokens_per_batch = 4096
+  config.data.tokens_per_batch = 4096
   return config

@@ -152,8 +152,25 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.adam_b2 = 0.98
   config.train.adam_eps = 1e-9
   config.train.label_smoothing = 0.1  # epsilon_ls, section 5.4.
-  config.train.tokens_per_batch = 25_000  # Source tokens (and as many target tokens), section 5.1.
   config.train.checkpoints_to_average = 5  # Section 6.1: 5 for base, 20 for big.
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = "bible"  # "bible" (offline, the default), "wmt14" or "text".
+  config.data.source_lang = "en"  # The paper's direction: English to German.
+  config.data.target_lang = "de"
+  config.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: tfds' default.
+  config.data.manual_dir = config_dict.placeholder(str)  # WMT archives downloaded by hand.
+  # dataset="text": each split is a tab-separated file or "SOURCE_FILE,TARGET_FILE".
+  config.data.text_train = ""
+  config.data.text_validation = ""
+  config.data.text_test = ""
+  config.data.skip_bad_lines = False  # Skip and count malformed lines instead of failing.
+  config.data.tokenizer = "bpe"  # SentencePiece model type: "bpe" (the paper) or "unigram".
+  config.data.tokenizer_max_sentences = 2_000_000  # Sentences sampled to train it.
+  config.data.max_len = config.model.get_ref("max_len")  # Longer examples are dropped (counted).
+  config.data.tokens_per_batch = 25_000  # Source tokens, and as many target tokens (5.1).
+  config.data.packing = False  # Pack several examples into one row instead of padding.
+  config.data.num_workers = 0  # grain worker processes; 0 reads in the training process.
 
   config.decode = ml_collections.ConfigDict()
   config.decode.beam_size = 4  # Section 6.1.
