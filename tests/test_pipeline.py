@@ -1,0 +1,145 @@
+"""The input pipeline: token budgets, padding, packing, resumption and per-process shards."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from transformer_jax import Transformer
+from transformer_jax.constants import EOS_ID, PAD_ID
+from transformer_jax.data import pipeline
+from transformer_jax.losses import label_smoothed_cross_entropy
+from transformer_jax.tokenizer import train_tokenizer
+
+
+def fake_corpus(n=600, max_len=40, vocab=40, seed=0) -> pipeline.TokenizedCorpus:
+  """Correlated source and target lengths, like a real parallel corpus; EOS_ID ends each side."""
+  rng = np.random.default_rng(seed)
+  src_len = rng.integers(2, max_len, n)
+  tgt_len = np.clip(src_len + rng.integers(-3, 4, n), 2, max_len + 5)
+  def side(lengths):
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    tokens = rng.integers(4, vocab, offsets[-1]).astype(np.uint16)
+    tokens[offsets[1:] - 1] = EOS_ID
+    return tokens, offsets
+  (s, so), (t, to) = side(src_len), side(tgt_len)
+  return pipeline.TokenizedCorpus(s, so, t, to)
+
+
+def epoch_batches(corpus, max_len=32, budget=512, **kwargs):
+  indices, _ = pipeline.keep_indices(corpus, max_len)
+  kwargs = {"packing": False, "seed": 0, "shuffle": True, "num_epochs": None, **kwargs}
+  return pipeline.EpochBatches(corpus, indices, tokens_per_batch=budget, max_len=max_len, **kwargs)
+
+
+def test_length_filter_counts_what_it_drops():
+  corpus = fake_corpus()
+  kept, dropped = pipeline.keep_indices(corpus, 32)
+  too_long = (corpus.src_lengths > 32) | (corpus.tgt_lengths > 32)
+  assert dropped == too_long.sum() > 0 and len(kept) + dropped == len(corpus)
+  assert np.all(corpus.src_lengths[kept] <= 32) and np.all(corpus.tgt_lengths[kept] <= 32)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_batches_respect_the_token_budget_and_report_padding(packing):
+  corpus = fake_corpus()
+  batches = epoch_batches(corpus, packing=packing, multiple_of=2)
+  fractions = []
+  for k in range(len(batches.plan(0))):
+    batch = batches[k]
+    assert batch["src"].size <= 512 and batch["tgt"].size <= 512
+    assert batch["src"].shape[0] % 2 == 0 and batch["src"].dtype == np.int32
+    fractions.append(pipeline.padding_fraction(batch))
+  print(f"packing={packing}: padding {np.mean(fractions):.1%} of token slots")
+  assert 0 < np.mean(fractions) < (0.2 if packing else 0.5)
+
+
+def test_evaluation_sees_every_example_exactly_once():
+  corpus = fake_corpus()
+  indices, _ = pipeline.keep_indices(corpus, 32)
+  batches = epoch_batches(corpus, shuffle=False, num_epochs=1)
+  seen = [i for k in range(len(batches)) for row in batches.plan(0).rows[k] for i in row]
+  assert sorted(seen) == sorted(indices.tolist())
+  real_rows = sum(int(np.any(batches[k]["src"] != PAD_ID, axis=1).sum()) for k in range(len(batches)))
+  assert real_rows == len(indices)
+  with pytest.raises(IndexError):
+    batches[len(batches)]
+
+
+def test_two_processes_get_disjoint_shards_that_cover_the_data():
+  corpus = fake_corpus()
+  indices, _ = pipeline.keep_indices(corpus, 32)
+  shards = [epoch_batches(corpus, multiple_of=4, process_index=p, process_count=2) for p in (0, 1)]
+  whole = epoch_batches(corpus, multiple_of=4)
+  for k in range(len(whole.plan(0))):
+    parts = [shard[k] for shard in shards]
+    assert parts[0]["src"].shape[0] == parts[1]["src"].shape[0] == whole[k]["src"].shape[0] // 2
+    np.testing.assert_array_equal(np.concatenate([p["src"] for p in parts]), whole[k]["src"])
+  rows = whole.plan(0).rows
+  assert sorted(i for batch in rows for row in batch for i in row) == sorted(indices.tolist())
+
+
+def test_epochs_are_reshuffled_and_deterministic():
+  batches = epoch_batches(fake_corpus())
+  assert batches.plan(0).rows != batches.plan(1).rows
+  assert epoch_batches(fake_corpus()).plan(1).rows == batches.plan(1).rows
+  first_of_epoch_1 = len(batches.plan(0))
+  assert batches[first_of_epoch_1]["epoch"] == 1
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_restoring_the_iterator_state_reproduces_the_next_batches(packing):
+  dataset = pipeline.make_dataset(epoch_batches(fake_corpus(), packing=packing))
+  iterator = iter(dataset)
+  for _ in range(7):
+    next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator) for _ in range(30)]  # Crosses into the next epoch.
+  resumed = iter(pipeline.make_dataset(epoch_batches(fake_corpus(), packing=packing)))
+  resumed.set_state(state)
+  for want, got in zip(expected, (next(resumed) for _ in range(30))):
+    assert want.keys() == got.keys()
+    for key in want:
+      np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_packed_batch_loss_equals_the_unpacked_loss_per_example():
+  corpus = fake_corpus(n=40, max_len=12)
+  packed = epoch_batches(corpus, max_len=24, budget=96, packing=True, shuffle=False, num_epochs=1)
+  config = tiny_config(dropout_rate=0.0)
+  model = Transformer(config)
+  batch = packed[0]
+  params = nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray(batch["src"]), jnp.asarray(batch["tgt"])))["params"]
+  forward = jax.jit(lambda p, b: label_smoothed_cross_entropy(model.apply(
+      {"params": p}, b["src"], b["tgt"], **{k: b.get(k) for k in (
+          "src_segments", "src_positions", "tgt_segments", "tgt_positions")}), b["tgt"], 0.1))
+
+  losses = np.asarray(forward(params, {k: jnp.asarray(v) for k, v in batch.items() if k != "epoch"}))
+  rows = packed.plan(0).rows[0]
+  assert max(len(row) for row in rows) > 1, "the batch should pack several examples in a row"
+  checked = 0
+  for r, row in enumerate(rows):
+    for segment, i in enumerate(row, start=1):
+      in_segment = batch["tgt_segments"][r] == segment
+      packed_loss = losses[r][in_segment].sum()
+      src, tgt = corpus.source(i)[None].astype(np.int32), corpus.target(i)[None].astype(np.int32)
+      alone = forward(params, {"src": jnp.asarray(src), "tgt": jnp.asarray(tgt)})
+      np.testing.assert_allclose(packed_loss, float(alone.sum()), rtol=1e-4)
+      checked += 1
+  assert checked >= 4
+
+
+def test_tokenize_corpus_round_trips_and_caches(tmp_path):
+  text = [{"en": f"the word {w} is here".encode(), "de": f"das Wort {w} ist hier".encode()}
+          for w in ["alpha", "beta", "gamma", "delta", "epsilon"] * 20]
+  tokenizer = train_tokenizer((s for ex in text for s in ex.values()), vocab_size=60)
+  cache = tmp_path / pipeline.corpus_cache_name("toy", "train", len(text), tokenizer)
+  corpus = pipeline.tokenize_corpus(text, "en", "de", tokenizer, cache_path=str(cache), chunk_size=7)
+  assert cache.exists() and len(corpus) == len(text)
+  for i in (0, 13, 99):
+    assert tokenizer.decode(corpus.source(i)) == text[i]["en"].decode()
+    assert tokenizer.decode(corpus.target(i)) == text[i]["de"].decode()
+  again = pipeline.tokenize_corpus([], "en", "de", tokenizer, cache_path=str(cache))
+  np.testing.assert_array_equal(again.tgt, corpus.tgt)
