@@ -64,6 +64,30 @@ def scaled_dot_product_attention(q: Array, k: Array, v: Array, mask: Array | Non
   return out, weights
 
 
+class Projection(nn.Module):
+  """A learned linear map written as an einsum: kernel `shape` whose first `in_dims` axes are
+  contracted with the input, plus a bias over the remaining axes. Glorot-uniform initialised with
+  the fans of the matrix it stands for (d_model x h*d_k for W^Q, h*d_v x d_model for W^O)."""
+
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]  # Logical axis names of the kernel.
+  equation: str
+  in_dims: int
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    init = nn.initializers.xavier_uniform(in_axis=tuple(range(self.in_dims)),
+                                          out_axis=tuple(range(self.in_dims, len(self.shape))))
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes), self.shape,
+                        self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.in_dims:]),
+                      self.shape[self.in_dims:], self.param_dtype)
+    y = jnp.einsum(self.equation, x.astype(self.dtype), jnp.asarray(kernel, self.dtype))
+    return y + jnp.asarray(bias, self.dtype)
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head attention, section 3.2.2: h heads projected from d_model, concatenated, projected.
 
@@ -91,19 +115,13 @@ class MultiHeadAttention(nn.Module):
         sequence (an int32 scalar). The first call creates the cache with the length of its input.
     """
     cfg = self.config
-    dense = lambda features, axes, name: nn.DenseGeneral(
-        features, axis=-1, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name)
-    heads_k = (cfg.num_heads, cfg.head_dim_k)
-    heads_v = (cfg.num_heads, cfg.head_dim_v)
-
-    q = dense(heads_k, ("embed", "heads", "kv"), "query")(inputs_q)  # [B, T, N, K]
+    N, K, H, D = cfg.num_heads, cfg.head_dim_k, cfg.head_dim_v, cfg.d_model
+    q = self._project_in(K, "query", inputs_q)  # [B, T, N, K]
     if decode_index is not None and not self.self_attention:
-      k, v = self._cached_encoder_kv(inputs_kv, dense, heads_k, heads_v)
+      k, v = self._cached_encoder_kv(inputs_kv)
     else:
-      k = dense(heads_k, ("embed", "heads", "kv"), "key")(inputs_kv)  # [B, S, N, K]
-      v = dense(heads_v, ("embed", "heads", "kv"), "value")(inputs_kv)  # [B, S, N, H]
+      k = self._project_in(K, "key", inputs_kv)  # [B, S, N, K]
+      v = self._project_in(H, "value", inputs_kv)  # [B, S, N, H]
       if decode_index is not None:
         k, v, mask = self._update_self_cache(k, v, decode_index)
 
@@ -114,12 +132,8 @@ class MultiHeadAttention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
 
     # W^O: concatenate the heads and project back to d_model.
-    return nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-        kernel_init=nn.with_logical_partitioning(
-            nn.initializers.xavier_uniform(), ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        name="out")(out)
+    return Projection((N, H, D), ("heads", "kv", "embed"), "BTNH,NHD->BTD", 2, cfg.compute_dtype,
+                      cfg.weight_dtype, name="out")(out)
 
   def _update_self_cache(self, k: Array, v: Array, index: Array) -> tuple[Array, Array, Array]:
     """Writes this chunk's keys and values at `index`; returns the whole cache and its mask."""
@@ -135,13 +149,19 @@ class MultiHeadAttention(nn.Module):
     mask = jnp.arange(length)[None, :] <= query_pos[:, None]  # [T, L]
     return cached_k.value, cached_v.value, mask[None, None]
 
-  def _cached_encoder_kv(self, encoded, dense, heads_k, heads_v) -> tuple[Array, Array]:
+  def _project_in(self, head_dim: int, name: str, x: Array) -> Array:
+    """W_i^Q, W_i^K or W_i^V of every head at once: [B, L, D] -> [B, L, N, head_dim]."""
+    cfg = self.config
+    return Projection((cfg.d_model, cfg.num_heads, head_dim), ("embed", "heads", "kv"),
+                      "BLD,DNK->BLNK", 1, cfg.compute_dtype, cfg.weight_dtype, name=name)(x)
+
+  def _cached_encoder_kv(self, encoded: Array) -> tuple[Array, Array]:
     """The projected encoder output: computed on the first call, read from the cache after."""
     if self.has_variable("cache", "cached_key"):
       return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
-    # Declare the projections here too, so the parameter tree matches the uncached path.
-    k = dense(heads_k, ("embed", "heads", "kv"), "key")(encoded)
-    v = dense(heads_v, ("embed", "heads", "kv"), "value")(encoded)
+    cfg = self.config
+    k = self._project_in(cfg.head_dim_k, "key", encoded)
+    v = self._project_in(cfg.head_dim_v, "value", encoded)
     self.put_variable("cache", "cached_key", k)
     self.put_variable("cache", "cached_value", v)
     return k, v
