@@ -153,6 +153,33 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.adam_eps = 1e-9
   config.train.label_smoothing = 0.1  # epsilon_ls, section 5.4.
   config.train.checkpoints_to_average = 5  # Section 6.1: 5 for base, 20 for big.
+  config.train.schedule = "paper"  # "paper" (5.3), "cosine" or "constant" (after warm-up).
+  config.train.learning_rate_scale = 1.0  # Multiplies the paper's schedule.
+  config.train.learning_rate = 1e-3  # Peak rate of the "cosine" and "constant" schedules.
+  config.train.grad_clip_norm = 0.0  # 0: no clipping (the paper).
+  config.train.weight_decay = 0.0  # > 0: AdamW.
+  config.train.grad_accum_steps = 1  # Batches per update, to reach 25K-token batches on small hardware.
+  config.train.time_budget_minutes = 0.0  # > 0: stop (and checkpoint) after this much training.
+  config.train.log_every = 50
+  config.train.eval_every = 1000  # Validation loss and BLEU.
+  config.train.checkpoint_every = 1000
+  config.train.checkpoints_to_keep = 5
+  config.train.peak_flops = 0.0  # Per-device peak FLOP/s for MFU when the device is not known.
+
+  # Logical axis names -> mesh axes. Default: pure data parallelism over every device.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  config.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("vocab", "tensor"),
+      ("heads", "tensor"),
+      ("mlp", "tensor"),
+      ("embed", "fsdp"),
+      ("kv", None),
+      ("length", None),
+  )
 
   config.data = ml_collections.ConfigDict()
   config.data.dataset = "bible"  # "bible" (offline, the default), "wmt14" or "text".

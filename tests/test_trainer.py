@@ -1,0 +1,207 @@
+"""Training: the step, sharding, checkpoints, resumption, preemption and multi-process runs.
+
+The tests that need fresh processes drive `tests/tiny_run.py` (a tiny model on made-up data).
+"""
+
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tiny_run
+from transformer_jax import base_config, trainer
+from transformer_jax.data import pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY_RUN = str(ROOT / "tests" / "tiny_run.py")
+TIMEOUT = 240  # Hard limit on every subprocess.
+
+
+def run_tiny(workdir, steps, *extra, devices=1, check=True):
+  cmd = [sys.executable, TINY_RUN, "--workdir", str(workdir), "--steps", str(steps),
+         "--devices", str(devices), *extra]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+  if check and result.returncode != 0:
+    raise AssertionError(f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+  return result
+
+
+def load_dump(path):
+  with np.load(path) as f:
+    return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def assert_bitwise_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+def tiny_setup(devices=None, **train):
+  config = tiny_run.tiny_run_config(steps=10)
+  config.train.update(train)
+  return config, trainer.make_setup(config, devices)
+
+
+def tiny_batches(config, setup, **kwargs):
+  corpus = tiny_run.fake_corpus()
+  indices, _ = pipeline.keep_indices(corpus, config.model.max_len)
+  kwargs = {"packing": True, "seed": 0, "shuffle": True, "num_epochs": None,
+            "multiple_of": max(4, trainer.sharding.batch_multiple(setup.mesh)), **kwargs}
+  return pipeline.EpochBatches(corpus, indices, tokens_per_batch=config.data.tokens_per_batch,
+                               max_len=config.model.max_len, **kwargs)
+
+
+def test_the_learning_rate_schedule_is_the_papers_formula():
+  schedule = trainer.learning_rate_schedule(base_config().train, 512)  # warmup_steps = 4000
+  for step in (1, 100, 4000, 4001, 20000, 100000):
+    expected = 512**-0.5 * min(step**-0.5, step * 4000**-1.5)
+    np.testing.assert_allclose(float(schedule(step - 1)), expected, rtol=1e-6)
+
+
+def test_a_tiny_model_overfits_one_batch():
+  config, _ = tiny_setup(label_smoothing=0.0, schedule="constant", learning_rate=3e-3, warmup_steps=1)
+  config.model.dropout_rate = 0.0
+  setup = trainer.make_setup(config, jax.devices()[:1])
+  batch = setup.put_batch(tiny_batches(config, setup)[0])
+  state = setup.init_state(0)
+  key = jax.random.key(0)
+  for _ in range(300):
+    state, metrics = setup.train_step(state, batch, key)
+  loss = float(metrics["loss"]) / float(metrics["tokens"])
+  assert loss < 0.05, loss
+  assert float(metrics["correct"]) == float(metrics["tokens"])
+
+
+def test_loss_on_eight_devices_equals_loss_on_one():
+  config, one = tiny_setup(devices=jax.devices()[:1])
+  _, eight = tiny_setup(devices=jax.devices()[:8])
+  assert eight.mesh.shape["data"] == 8
+  local = tiny_batches(config, eight)[0]
+  results = []
+  for setup in (one, eight):
+    state = setup.init_state(0)
+    evaluated = setup.eval_step(state.params, setup.put_batch(local))
+    _, trained = setup.train_step(state, setup.put_batch(local), jax.random.key(1))
+    results.append([float(evaluated["loss"]), float(trained["loss"]), float(trained["grad_norm"])])
+  np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
+
+
+def test_resumed_run_equals_straight_run_bit_for_bit(tmp_path):
+  run_tiny(tmp_path / "straight", 8, "--dump", str(tmp_path / "straight.npz"))
+  run_tiny(tmp_path / "resumed", 4, "--checkpoint_every", "4")
+  result = run_tiny(tmp_path / "resumed", 8, "--dump", str(tmp_path / "resumed.npz"))
+  assert "finished at step 8" in result.stdout
+  assert_bitwise_equal(load_dump(tmp_path / "straight.npz"), load_dump(tmp_path / "resumed.npz"))
+  # The data position is checkpointed with the state: both runs stand at the same batch.
+  for run in ("straight", "resumed"):
+    data_state = (tmp_path / run / "checkpoints" / "8" / "data" / "metadata").read_text()
+    assert '"next_index": 8' in data_state
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_bit_for_bit(tmp_path):
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, TINY_RUN, "--workdir", str(tmp_path / "multi"), "--steps", "6", "--devices", "2",
+       "--num_processes", "2", "--process_id", str(i), "--coordinator", f"127.0.0.1:{port}",
+       "--dump", str(tmp_path / "multi.npz")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+  # The single process also runs under jax.distributed, so that both runs reduce gradients with
+  # the same collective implementation (gloo): in-process all-reduce sums in another order, which
+  # Adam amplifies from rounding differences into visible ones within a few steps.
+  run_tiny(tmp_path / "single", 6, "--dump", str(tmp_path / "single.npz"), "--coordinator",
+           f"127.0.0.1:{free_port()}", devices=4)
+  assert_bitwise_equal(load_dump(tmp_path / "single.npz"), load_dump(tmp_path / "multi.npz"))
+
+
+def test_kill_during_save_then_restart_resumes_from_a_complete_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  run_tiny(tmp_path / "straight", 12, "--dump", str(tmp_path / "straight.npz"), "--checkpoint_every", "1")
+  proc = subprocess.Popen([sys.executable, TINY_RUN, "--workdir", str(workdir), "--steps", "12",
+                           "--checkpoint_every", "1", "--step_sleep", "0.3"], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  checkpoints = workdir / "checkpoints"
+  deadline = time.monotonic() + TIMEOUT
+  while time.monotonic() < deadline and not (checkpoints.exists() and len(list(checkpoints.iterdir())) >= 4):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)  # Saves run every step, so one is usually in flight.
+  proc.wait(timeout=30)
+  result = run_tiny(workdir, 12, "--dump", str(tmp_path / "resumed.npz"), "--checkpoint_every", "1")
+  assert "finished at step 12" in result.stdout
+  assert_bitwise_equal(load_dump(tmp_path / "straight.npz"), load_dump(tmp_path / "resumed.npz"))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, TINY_RUN, "--workdir", str(workdir), "--steps", "1000",
+                           "--checkpoint_every", "1000", "--step_sleep", "0.2"], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + TIMEOUT
+  while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  output = proc.communicate(timeout=60)[0]
+  assert proc.returncode == 0, output[-3000:]
+  steps = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+  assert len(steps) == 1 and 4 <= steps[0] < 1000
+  assert f"finished at step {steps[0]}" in output
+
+
+def test_a_checkpoint_saved_on_eight_devices_restores_on_one_and_two(tmp_path):
+  run_tiny(tmp_path / "run", 4, "--dump", str(tmp_path / "saved.npz"), devices=8)
+  saved = load_dump(tmp_path / "saved.npz")
+  for n in (1, 2):
+    config, setup = tiny_setup(devices=jax.devices()[:n])
+    manager = trainer.checkpoint_manager(str(tmp_path / "run"), config.train)
+    state, data_state = trainer.restore_checkpoint(manager, setup)
+    manager.close()
+    assert data_state == {"next_index": 4}
+    assert len(jax.tree.leaves(state)[0].sharding.device_set) == n
+    assert_bitwise_equal(saved, [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))])
+
+
+def test_checkpoint_averaging_is_the_mean_of_the_parameters(tmp_path):
+  run_tiny(tmp_path / "run", 6, "--checkpoint_every", "2")
+  config, setup = tiny_setup()
+  manager = trainer.checkpoint_manager(str(tmp_path / "run"), config.train)
+  assert manager.all_steps() == [2, 4, 6]
+  params = [trainer.restore_checkpoint(manager, setup, s)[0].params for s in (4, 6)]
+  averaged = trainer.average_checkpoints(manager, setup, last=2)
+  manager.close()
+  for a, p4, p6 in zip(jax.tree.leaves(averaged), *map(jax.tree.leaves, params)):
+    np.testing.assert_allclose(a, (np.asarray(p4) + np.asarray(p6)) / 2, rtol=1e-6)
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  config, setup = tiny_setup(checkpoint_every=2, log_every=2)
+  config.train.num_steps = 8
+  step_fn = setup.train_step
+  def poisoned(state, batch, key):
+    state, metrics = step_fn(state, batch, key)
+    bad = int(state.step) >= 5
+    return state, {**metrics, "loss": metrics["loss"] * (jnp.nan if bad else 1.0)}
+  setup.train_step = poisoned
+  with pytest.raises(trainer.NonFiniteLossError, match="step 5.*last good checkpoint \\(step 4\\)"):
+    trainer.train(config, str(tmp_path), setup, tiny_batches(config, setup))
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]

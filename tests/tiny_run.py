@@ -1,0 +1,96 @@
+"""A tiny training run on made-up data, as a script, for the tests that need fresh processes
+(resume, multi-process, kill -9, SIGTERM, restoring onto other device counts).
+
+python tests/tiny_run.py --workdir DIR --steps N [--devices D] [--mesh_data D]
+    [--process_id I --num_processes P --coordinator 127.0.0.1:PORT] [--dump FILE.npz]
+"""
+
+import argparse
+import os
+import sys
+
+
+def parse():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--steps", type=int, required=True)
+  parser.add_argument("--devices", type=int, default=1)
+  parser.add_argument("--checkpoint_every", type=int, default=4)
+  parser.add_argument("--process_id", type=int, default=0)
+  parser.add_argument("--num_processes", type=int, default=1)
+  parser.add_argument("--coordinator", default="")
+  parser.add_argument("--dump", default="")
+  parser.add_argument("--step_sleep", type=float, default=0.0)
+  return parser.parse_args()
+
+
+def tiny_run_config(steps: int, checkpoint_every: int = 4):
+  from transformer_jax.config import base_config
+  config = base_config()
+  config.model.update(dict(vocab_size=40, d_model=32, d_ff=64, num_heads=4, num_layers=2, max_len=32))
+  config.train.update(dict(num_steps=steps, warmup_steps=10, log_every=2, checkpoint_every=checkpoint_every,
+                           eval_every=10**9, checkpoints_to_keep=3, checkpoints_to_average=3))
+  config.data.tokens_per_batch = 256
+  config.data.packing = True  # One batch shape: one compilation.
+  return config
+
+
+def fake_corpus(n=300, seed=0):
+  import numpy as np
+  from transformer_jax.constants import EOS_ID
+  from transformer_jax.data.pipeline import TokenizedCorpus
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(2, 20, n)
+  offsets = np.concatenate([[0], np.cumsum(lengths)])
+  tokens = rng.integers(4, 40, offsets[-1]).astype(np.uint16)
+  tokens[offsets[1:] - 1] = EOS_ID
+  # The target is the reversed source (EOS kept last): a task a tiny model can learn.
+  target = tokens.copy()
+  for i in range(n):
+    target[offsets[i]:offsets[i + 1] - 1] = tokens[offsets[i]:offsets[i + 1] - 1][::-1]
+  return TokenizedCorpus(tokens, offsets, target, offsets.copy())
+
+
+def main():
+  args = parse()
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  import jax
+  if args.coordinator:
+    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                               heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)
+  import numpy as np
+  from transformer_jax import trainer
+  from transformer_jax.data import pipeline
+
+  config = tiny_run_config(args.steps, args.checkpoint_every)
+  setup = trainer.make_setup(config)
+  corpus = fake_corpus()
+  indices, _ = pipeline.keep_indices(corpus, config.model.max_len)
+  batches = pipeline.EpochBatches(
+      corpus, indices, tokens_per_batch=config.data.tokens_per_batch, max_len=config.model.max_len,
+      packing=config.data.packing, seed=config.seed, shuffle=True, num_epochs=None,
+      multiple_of=max(4, trainer.sharding.batch_multiple(setup.mesh)),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  if args.step_sleep:  # Slow each step down, so a test can signal the run mid-way.
+    step_fn = setup.train_step
+    def slow(*a):
+      import time
+      time.sleep(args.step_sleep)
+      return step_fn(*a)
+    setup.train_step = slow
+  state = trainer.train(config, args.workdir, setup, batches)
+  if args.dump and jax.process_index() == 0:
+    from jax.experimental import multihost_utils
+    leaves = jax.tree.leaves(jax.device_get(multihost_utils.process_allgather(state, tiled=True))
+                             if jax.process_count() > 1 else jax.device_get(state))
+    np.savez(args.dump, *[np.asarray(x) for x in leaves])
+  elif args.dump and jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.process_allgather(state, tiled=True)
+  print("finished at step", int(jax.device_get(state.step)), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,363 @@
+"""Greedy and beam search (section 6.1), over a `tokens -> logits` callable, and the model glue.
+
+The search functions know nothing about Flax. They drive a callable
+
+  tokens_to_logits(tokens [N, 1] int32, cache, index int32 scalar) -> (logits [N, V] float32, cache)
+
+that reads the token at output position `index` (BOS_ID at position 0) and returns the logits of
+the token at position `index + 1`, together with its updated cache. Every leaf of the cache has the
+flattened batch N as its leading axis, so keeping some hypotheses and dropping others is a gather on
+axis 0 of every leaf. That is all the search assumes, so the tests drive it with fake models whose
+best output can be found by enumerating every sequence.
+
+Shapes: B batch, K beam size, N = B * K flattened rows, L maximum output length, S source length,
+D d_model, V vocabulary.
+
+Outputs hold the generated tokens only (no BOS_ID): EOS_ID ends a sequence and PAD_ID follows it. A
+sequence without EOS_ID ran out of room at L tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID
+from transformer_jax.model import Transformer, init_cache
+
+Array = jax.Array
+Cache = Any
+TokensToLogits = Callable[[Array, Cache, Array], tuple[Array, Cache]]
+
+NEG_INF = float("-inf")  # The log-probability of an impossible or empty hypothesis.
+
+
+def length_penalty(length: Array | int, alpha: float) -> Array:
+  """The GNMT length penalty lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al., 2016).
+
+  A hypothesis is ranked by log P(Y | X) / lp(Y). Log-probabilities only fall as a hypothesis
+  grows; dividing by a penalty that grows with length stops the search from favouring short
+  outputs. alpha = 0 ranks by log-probability alone.
+
+  Args:
+    length: |Y|, the number of generated tokens, EOS_ID included (BOS_ID is not generated).
+    alpha: the strength of the penalty; the paper uses 0.6.
+
+  Returns:
+    The penalty, float32, with the shape of `length`.
+  """
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def expand_to_beams(tree: Any, beam_size: int) -> Any:
+  """Repeats every leaf `beam_size` times on axis 0: rows [B, ...] -> [B * K, ...].
+
+  Row b * K + k is beam k of example b, the layout `beam_search` uses for its cache.
+  """
+  if beam_size == 1:
+    return tree
+  return jax.tree.map(lambda x: jnp.repeat(x, beam_size, axis=0), tree)
+
+
+def _gather_beams(tree: Any, parent: Array) -> Any:
+  """Every leaf [B * K, ...] reordered to follow the surviving beams: new beam k of example b is
+  old beam parent[b, k] of the same example.
+
+  The gather runs within each example ([B, K, ...] on axis 1), so with the batch split over
+  devices each device reorders its own rows, with no communication.
+  """
+  B, K = parent.shape
+
+  def gather(x: Array) -> Array:
+    x = x.reshape(B, K, *x.shape[1:])
+    index = parent.reshape(B, K, *([1] * (x.ndim - 2)))
+    return jnp.take_along_axis(x, index, axis=1).reshape(B * K, *x.shape[2:])
+
+  return jax.tree.map(gather, tree)
+
+
+def _check_search_args(batch_size: int, max_len: int, beam_size: int = 1, alpha: float = 0.0):
+  for name, value in (("batch_size", batch_size), ("max_len", max_len), ("beam_size", beam_size)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}={value!r} must be a positive int (it fixes array shapes)")
+  if not alpha >= 0:
+    # The early stop bounds an alive hypothesis by the penalty of the longest output, which is the
+    # largest penalty only when it grows with length.
+    raise ValueError(f"alpha={alpha!r} must be >= 0")
+
+
+def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
+                  max_len: int) -> Array:
+  """Greedy decoding: at every step, the most probable next token.
+
+  Stops as soon as every sequence has produced EOS_ID, or after `max_len` tokens. Traceable:
+  `batch_size` and `max_len` must be static under `jax.jit`.
+
+  Args:
+    tokens_to_logits: the model step, see the module docstring; called with N = B rows.
+    cache: its initial state; every leaf [B, ...].
+    batch_size: B.
+    max_len: L, the most tokens to generate (EOS_ID included).
+
+  Returns:
+    [B, L] int32 generated tokens, PAD_ID after EOS_ID.
+  """
+  _check_search_args(batch_size, max_len)
+
+  def not_finished(state):
+    i, _, _, done, _ = state
+    return (i < max_len) & ~jnp.all(done)
+
+  def step(state):
+    i, tokens, last, done, cache = state
+    logits, cache = tokens_to_logits(last[:, None], cache, i)
+    # Rows that have finished keep emitting padding; their model outputs are never used.
+    next_token = jnp.where(done, PAD_ID, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    tokens = jax.lax.dynamic_update_slice(tokens, next_token[:, None], (0, i))
+    return i + 1, tokens, next_token, done | (next_token == EOS_ID), cache
+
+  state = (
+      jnp.int32(0),
+      jnp.full((batch_size, max_len), PAD_ID, jnp.int32),
+      jnp.full((batch_size,), BOS_ID, jnp.int32),
+      jnp.zeros((batch_size,), jnp.bool_),
+      cache,
+  )
+  return jax.lax.while_loop(not_finished, step, state)[1]
+
+
+def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int, beam_size: int,
+                max_len: int, alpha: float = 0.6) -> tuple[Array, Array]:
+  """Beam search with the GNMT length penalty, as in section 6.1 (beam 4, alpha 0.6).
+
+  Each example keeps K alive hypotheses (not yet ended) and K finished ones (ended by EOS_ID).
+  A step extends every alive hypothesis by every token and ranks the K * V extensions by summed
+  log-probability. An extension that ends in EOS_ID and ranks among the best K leaves the beam as
+  finished, scored log P(Y | X) / lp(|Y|) with |Y| its number of tokens, EOS_ID included (see
+  `length_penalty`); the finished list keeps the K best scores seen so far. The alive list becomes
+  the K best extensions that do not end in EOS_ID. With K = 1 and alpha = 0 this is greedy
+  decoding; with alpha > 0 a single beam may go on past the greedy output's EOS_ID, because a
+  longer output can still win once its penalty is counted.
+
+  Early stop: an alive hypothesis with log-probability a can at best end with score
+  a / lp(max_len), since its log-probability can only fall and for alpha >= 0 the penalty is
+  largest at the longest length. An example is done when the best alive bound is no better than
+  (<=) the worst of its K finished scores, an empty slot counting as -inf, so the K finished
+  hypotheses are final. The loop runs until every example is done or max_len tokens were generated.
+
+  Traceable: `batch_size`, `beam_size`, `max_len` and `alpha` must be static under `jax.jit`.
+
+  Args:
+    tokens_to_logits: the model step, see the module docstring; called with N = B * K rows, row
+      b * K + k being beam k of example b.
+    cache: the initial state for B examples, every leaf [B, ...]; it is repeated K times here
+      (`expand_to_beams`).
+    batch_size: B.
+    beam_size: K.
+    max_len: L, the most tokens a hypothesis may have (EOS_ID included).
+    alpha: the length penalty's strength, >= 0.
+
+  Returns:
+    sequences: [B, K, L] int32, best first, PAD_ID after EOS_ID.
+    scores: [B, K] float32 log P(Y | X) / lp(|Y|), descending. Slots that no hypothesis reached
+      hold -inf. An example with no finished hypothesis at all returns its alive ones instead,
+      scored with |Y| = L.
+  """
+  _check_search_args(batch_size, max_len, beam_size, alpha)
+  B, K, L = batch_size, beam_size, max_len
+  max_penalty = length_penalty(L, alpha)
+
+  def not_finished(state):
+    i, _, alive_logprob, _, finished_scores, _, _ = state
+    best_possible = jnp.max(alive_logprob, axis=1) / max_penalty
+    done = best_possible <= jnp.min(finished_scores, axis=1)
+    return (i < L) & ~jnp.all(done)
+
+  def step(state):
+    i, alive_seqs, alive_logprob, alive_last, finished_scores, finished_seqs, cache = state
+    logits, cache = tokens_to_logits(alive_last.reshape(B * K, 1), cache, i)
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    V = logprobs.shape[-1]
+    candidates = alive_logprob[:, :, None] + logprobs.reshape(B, K, V)  # [B, K, V]
+
+    # Each alive hypothesis has one EOS extension, so the best 2K extensions hold at least K that
+    # do not end: enough to refill the alive list.
+    top_logprob, top_index = jax.lax.top_k(candidates.reshape(B, K * V), 2 * K)  # [B, 2K]
+    top_beam, top_token = top_index // V, top_index % V
+    top_seqs = jnp.take_along_axis(alive_seqs, top_beam[:, :, None], axis=1)  # [B, 2K, L]
+    top_seqs = jax.lax.dynamic_update_slice(top_seqs, top_token[:, :, None], (0, 0, i))
+    ends = top_token == EOS_ID
+
+    # Finished: extensions ending in EOS_ID among the best K, merged with those found before. Only
+    # the best K count, as in the textbook beam of K hypotheses from which an ended one leaves;
+    # that is what makes K = 1 greedy.
+    in_beam = jnp.arange(2 * K) < K
+    new_scores = jnp.where(ends & in_beam, top_logprob / length_penalty(i + 1, alpha), NEG_INF)
+    merged_scores = jnp.concatenate([finished_scores, new_scores], axis=1)  # [B, 3K]
+    merged_seqs = jnp.concatenate([finished_seqs, top_seqs], axis=1)
+    finished_scores, keep = jax.lax.top_k(merged_scores, K)
+    finished_seqs = jnp.take_along_axis(merged_seqs, keep[:, :, None], axis=1)
+
+    # Alive: the best K extensions that do not end.
+    alive_logprob, keep = jax.lax.top_k(jnp.where(ends, NEG_INF, top_logprob), K)
+    alive_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
+    alive_last = jnp.take_along_axis(top_token, keep, axis=1)
+    cache = _gather_beams(cache, jnp.take_along_axis(top_beam, keep, axis=1))
+    return i + 1, alive_seqs, alive_logprob, alive_last, finished_scores, finished_seqs, cache
+
+  # Only beam 0 is alive at the start; the others hold -inf so that the first step does not
+  # extend K copies of the same hypothesis.
+  state = (
+      jnp.int32(0),
+      jnp.full((B, K, L), PAD_ID, jnp.int32),
+      jnp.broadcast_to(jnp.where(jnp.arange(K) == 0, 0.0, NEG_INF).astype(jnp.float32), (B, K)),
+      jnp.full((B, K), BOS_ID, jnp.int32),
+      jnp.full((B, K), NEG_INF, jnp.float32),
+      jnp.full((B, K, L), PAD_ID, jnp.int32),
+      expand_to_beams(cache, K),
+  )
+  _, alive_seqs, alive_logprob, _, finished_scores, finished_seqs, _ = jax.lax.while_loop(
+      not_finished, step, state)
+
+  # An example with real alive hypotheses is never done before max_len, so alive ones that are
+  # returned have L tokens.
+  any_finished = finished_scores[:, 0] > NEG_INF  # [B]
+  sequences = jnp.where(any_finished[:, None, None], finished_seqs, alive_seqs)
+  scores = jnp.where(any_finished[:, None], finished_scores, alive_logprob / max_penalty)
+  return sequences, scores
+
+
+# Model glue: the Transformer as a tokens -> logits callable.
+
+
+def cached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
+                   max_len: int) -> tuple[TokensToLogits, Cache]:
+  """The decoder as a `tokens_to_logits` step against its key/value cache.
+
+  The cache is built for the B examples, with the encoder-decoder attention's projection of
+  `encoded` computed once (`init_cache`); `beam_search` repeats it to the beams, which is cheaper
+  than projecting K copies of `encoded`. The step accepts any N that is a multiple of B and repeats
+  `encoded` and `src` to match.
+
+  Args:
+    model: the Transformer.
+    params: its parameters.
+    encoded: [B, S, D] encoder output of `src`.
+    src: [B, S] source tokens (their padding masks encoder-decoder attention).
+    max_len: L, the number of output positions the cache holds.
+
+  Returns:
+    tokens_to_logits, and its initial cache (every leaf [B, ...]).
+  """
+  cache = init_cache(model, params, encoded, src, max_len)
+
+  def tokens_to_logits(tokens: Array, cache: Cache, index: Array) -> tuple[Array, Cache]:
+    copies = tokens.shape[0] // src.shape[0]
+    logits, variables = model.apply(
+        {"params": params, "cache": cache}, expand_to_beams(encoded, copies),
+        expand_to_beams(src, copies), tokens, decode_index=index, method=Transformer.decode,
+        mutable=["cache"])
+    return logits[:, 0], variables["cache"]
+
+  return tokens_to_logits, cache
+
+
+def uncached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
+                     max_len: int) -> tuple[TokensToLogits, Cache]:
+  """The decoder as a `tokens_to_logits` step that reruns the full decoder, without a cache.
+
+  The "cache" is only the prefix written so far, [N, L] tokens. Every step runs `Transformer.decode`
+  over all L positions and reads the logits at `index`; the causal mask hides the positions not
+  written yet. So a step costs a full decoder pass, as it does for a decoder without a key/value
+  cache and with static shapes. It serves as the reference for cached decoding and as a baseline.
+
+  Args and Returns: as `cached_decoder`.
+  """
+  prefix = jnp.full((src.shape[0], max_len), PAD_ID, jnp.int32)
+
+  def tokens_to_logits(tokens: Array, cache: Cache, index: Array) -> tuple[Array, Cache]:
+    copies = tokens.shape[0] // src.shape[0]
+    tgt_in = jax.lax.dynamic_update_slice(cache["prefix"], tokens, (0, index))
+    # Every position is a real target token here (the model may emit PAD_ID), as in cached decoding.
+    logits = model.apply(
+        {"params": params}, expand_to_beams(encoded, copies), expand_to_beams(src, copies), tgt_in,
+        tgt_segments=jnp.ones_like(tgt_in), method=Transformer.decode)
+    return jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False), {"prefix": tgt_in}
+
+  return tokens_to_logits, {"prefix": prefix}
+
+
+def _check_output_length(model: Transformer, max_len: int):
+  cfg = model.config
+  if cfg.positional_encoding == "learned" and max_len > cfg.max_len:
+    raise ValueError(
+        f"output length {max_len} exceeds the {cfg.max_len} learned positions (config max_len); "
+        f"use a smaller max_extra_len or shorter sources")
+
+
+def greedy_search_uncached(model: Transformer, params: Any, src: Array, max_len: int) -> Array:
+  """Greedy decoding that reruns the full decoder at every step (see `uncached_decoder`).
+
+  Args:
+    model: the Transformer.
+    params: its parameters.
+    src: [B, S] source tokens, PAD_ID after the end.
+    max_len: L, the most tokens to generate.
+
+  Returns:
+    [B, L] int32 generated tokens, PAD_ID after EOS_ID.
+  """
+  _check_output_length(model, max_len)
+  encoded = model.apply({"params": params}, src, method=Transformer.encode)
+  tokens_to_logits, cache = uncached_decoder(model, params, encoded, src, max_len)
+  return greedy_search(tokens_to_logits, cache, src.shape[0], max_len)
+
+
+def translate(model: Transformer, params: Any, src: Array, *, beam_size: int, alpha: float,
+              max_extra_len: int = 50) -> Array:
+  """Translates a batch of sources: encode once, then cached beam search (section 6.1).
+
+  The output may hold up to S + max_extra_len tokens, S being the padded source length. With
+  beam_size 1 it decodes greedily and alpha plays no part.
+
+  Args:
+    model: the Transformer.
+    params: its parameters.
+    src: [B, S] int32 source tokens, PAD_ID after the end.
+    beam_size: K; the paper uses 4.
+    alpha: the length penalty, see `length_penalty`; the paper uses 0.6.
+    max_extra_len: how many tokens the output may exceed the source by; the paper uses 50.
+
+  Returns:
+    [B, S + max_extra_len] int32 tokens of the best hypothesis, PAD_ID after EOS_ID.
+  """
+  batch_size, src_len = src.shape
+  max_len = src_len + max_extra_len
+  _check_output_length(model, max_len)
+  encoded = model.apply({"params": params}, src, method=Transformer.encode)
+  tokens_to_logits, cache = cached_decoder(model, params, encoded, src, max_len)
+  if beam_size == 1:
+    return greedy_search(tokens_to_logits, cache, batch_size, max_len)
+  sequences, _ = beam_search(tokens_to_logits, cache, batch_size, beam_size, max_len, alpha)
+  return sequences[:, 0]
+
+
+def make_translate_fn(model: Transformer, beam_size: int, alpha: float,
+                      max_extra_len: int = 50) -> Callable[[Any, Array], Array]:
+  """`translate` compiled with `jax.jit`: `(params, src [B, S]) -> tokens [B, S + max_extra_len]`.
+
+  It compiles once per source shape; batching sources into a few padded lengths keeps the number
+  of compilations small.
+  """
+  _check_search_args(1, 1, beam_size, alpha)
+  if not isinstance(max_extra_len, int) or max_extra_len < 0:
+    raise ValueError(f"max_extra_len={max_extra_len!r} must be an int >= 0")
+
+  @jax.jit
+  def translate_fn(params: Any, src: Array) -> Array:
+    return translate(model, params, src, beam_size=beam_size, alpha=alpha,
+                     max_extra_len=max_extra_len)
+
+  return translate_fn
