@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import tiny_run
-from transformer_jax import base_config, trainer
+from transformer_jax import base_config, checkpoints, trainer
 from transformer_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -173,8 +173,8 @@ def test_a_checkpoint_saved_on_eight_devices_restores_on_one_and_two(tmp_path):
   saved = load_dump(tmp_path / "saved.npz")
   for n in (1, 2):
     config, setup = tiny_setup(devices=jax.devices()[:n])
-    manager = trainer.checkpoint_manager(str(tmp_path / "run"), config.train)
-    state, data_state = trainer.restore_checkpoint(manager, setup)
+    manager = checkpoints.make_manager(str(tmp_path / "run"), config.train)
+    state, data_state = checkpoints.restore(manager, setup)
     manager.close()
     assert data_state == {"next_index": 4}
     assert len(jax.tree.leaves(state)[0].sharding.device_set) == n
@@ -184,10 +184,10 @@ def test_a_checkpoint_saved_on_eight_devices_restores_on_one_and_two(tmp_path):
 def test_checkpoint_averaging_is_the_mean_of_the_parameters(tmp_path):
   run_tiny(tmp_path / "run", 6, "--checkpoint_every", "2")
   config, setup = tiny_setup()
-  manager = trainer.checkpoint_manager(str(tmp_path / "run"), config.train)
+  manager = checkpoints.make_manager(str(tmp_path / "run"), config.train)
   assert manager.all_steps() == [2, 4, 6]
-  params = [trainer.restore_checkpoint(manager, setup, s)[0].params for s in (4, 6)]
-  averaged = trainer.average_checkpoints(manager, setup, last=2)
+  params = [checkpoints.restore(manager, setup, s)[0].params for s in (4, 6)]
+  averaged = checkpoints.average(manager, setup, last=2)
   manager.close()
   for a, p4, p6 in zip(jax.tree.leaves(averaged), *map(jax.tree.leaves, params)):
     np.testing.assert_allclose(a, (np.asarray(p4) + np.asarray(p6)) / 2, rtol=1e-6)

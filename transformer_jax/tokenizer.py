@@ -19,6 +19,8 @@ import sentencepiece as spm
 
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
+log = logging.getLogger(__name__)
+
 MODEL_TYPES = ("bpe", "unigram")
 
 
@@ -123,9 +125,9 @@ def load_or_train_tokenizer(path: str | os.PathLike, sentences: Iterable[str | b
       raise ValueError(
           f"the tokenizer at {path} has {tokenizer.vocab_size} pieces but model.vocab_size="
           f"{vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size} or use a new workdir")
-    logging.info("Loaded the tokenizer from %s (%d pieces).", path, tokenizer.vocab_size)
+    log.info("Loaded the tokenizer from %s (%d pieces).", path, tokenizer.vocab_size)
     return tokenizer
   tokenizer = train_tokenizer(sentences, vocab_size, **kwargs)
   tokenizer.save(path)
-  logging.info("Trained a %d-piece tokenizer and saved it to %s.", tokenizer.vocab_size, path)
+  log.info("Trained a %d-piece tokenizer and saved it to %s.", tokenizer.vocab_size, path)
   return tokenizer

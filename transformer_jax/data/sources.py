@@ -20,6 +20,8 @@ import tensorflow_datasets as tfds
 
 from transformer_jax.data import bible, text, wmt
 
+log = logging.getLogger(__name__)
+
 DATASETS = ("bible", "wmt14", "text")
 SPLITS = ("train", "validation", "test")
 
@@ -105,5 +107,5 @@ def _log_counts(builder: tfds.core.DatasetBuilder) -> None:
   metadata = builder.info.metadata or {}
   for key in ("dropped", "skipped_lines"):
     if key in metadata:
-      logging.info("%s/%s: %s %s", builder.name, builder.builder_config.name, key,
+      log.info("%s/%s: %s %s", builder.name, builder.builder_config.name, key,
                    metadata[key])

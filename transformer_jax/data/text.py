@@ -33,6 +33,8 @@ from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "validation", "test")
 # Codes become feature names, so they are kept to simple identifiers ("en", "de", "pt_br").
 _LANG_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -204,7 +206,7 @@ class ParallelText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     counts = {reason: skipped[reason] for reason in SKIP_REASONS}
     counts["total"] = sum(skipped.values())
     if counts["total"]:
-      logging.warning("%s: skipped %d bad lines (%s).", ", ".join(config.files), counts["total"],
+      log.warning("%s: skipped %d bad lines (%s).", ", ".join(config.files), counts["total"],
                       counts)
     # Runs before tfds writes the dataset info, so the counts are saved with the data.
     self.info.metadata["skipped_lines"] = counts
