@@ -65,3 +65,9 @@ def average(manager: ocp.CheckpointManager, setup: Setup, last: int) -> Any:
     params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
     total = params32 if total is None else jax.tree.map(jnp.add, total, params32)
   return jax.tree.map(lambda t, p: (t / len(steps)).astype(p.dtype), total, params)
+
+
+def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+  """The run config saved with checkpoint `step`."""
+  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+  return ml_collections.ConfigDict(restored.config)

@@ -7,16 +7,23 @@ that figures are comparable across papers and tools.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 import sacrebleu
 from jax.experimental import multihost_utils
 
-from transformer_jax import decode, sharding
+from transformer_jax import checkpoints, decode, sharding
 from transformer_jax.data import pipeline
+from transformer_jax.tokenizer import Tokenizer
 
 
 def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
@@ -60,3 +67,177 @@ def translate_corpus(model, params: Any, mesh: jax.sharding.Mesh, corpus: pipeli
       for row, (i,) in enumerate(plan.rows[k]):
         output[i] = tokenizer.decode(tokens[row])
   return [output[int(i)] for i in indices]
+
+
+# ----------------------------------------------------------------------------- a trained run
+
+
+class RunError(ValueError):
+  """A workdir that cannot be used for translation: missing, empty or inconsistent."""
+
+
+@dataclasses.dataclass
+class Run:
+  """A trained run ready to translate: its config, model, mesh, parameters and tokenizer."""
+
+  config: ml_collections.ConfigDict
+  setup: Any  # trainer.Setup
+  params: Any
+  tokenizer: Tokenizer
+  steps: list[int]  # The checkpoints the parameters come from (several when averaged).
+
+  def translate(self, sentences: Sequence[str], *, beam_size: int | None = None,
+                alpha: float | None = None, max_extra_len: int | None = None) -> list[str]:
+    """Detokenized translations of `sentences`, in order (batched by length, as in training)."""
+    decode_cfg = self.config.decode
+    ids = [self.tokenizer.encode(s) for s in sentences]
+    lengths = np.asarray([len(x) for x in ids])
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    flat = np.fromiter((t for x in ids for t in x), np.int32, int(lengths.sum()))
+    corpus = pipeline.TokenizedCorpus(flat, offsets, flat, offsets)  # Targets unused.
+    max_len = max(int(lengths.max(initial=1)), int(self.config.data.max_len))
+    return translate_corpus(
+        self.setup.model, self.params, self.setup.mesh, corpus, np.arange(len(sentences)),
+        self.tokenizer, tokens_per_batch=int(self.config.data.tokens_per_batch),
+        max_len=max_len,
+        beam_size=decode_cfg.beam_size if beam_size is None else beam_size,
+        alpha=decode_cfg.length_penalty if alpha is None else alpha,
+        max_extra_len=decode_cfg.max_extra_len if max_extra_len is None else max_extra_len)
+
+
+def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) -> Run:
+  """Loads a run's tokenizer and checkpoint (or the average of its last `average_last`) onto the
+  local devices, with the config saved in the checkpoint.
+
+  Raises:
+    RunError: if the workdir does not exist, has no checkpoint or tokenizer, or they disagree.
+  """
+  from transformer_jax import trainer  # trainer imports this module.
+
+  workdir = os.path.abspath(workdir)
+  if not os.path.isdir(workdir):
+    raise RunError(f"workdir {workdir} does not exist; train a model first "
+                   f"(python train.py --workdir {workdir})")
+  tokenizer_path = os.path.join(workdir, "tokenizer.model")
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(p) for p in os.listdir(checkpoint_dir) if p.isdigit()) if os.path.isdir(checkpoint_dir) else []
+  if not steps or not os.path.exists(tokenizer_path):
+    missing = "checkpoints" if not steps else "tokenizer.model"
+    raise RunError(f"workdir {workdir} has no {missing}; is it a training run's workdir?")
+  if step is not None and step not in steps:
+    raise RunError(f"workdir {workdir} has no checkpoint at step {step}; it has {steps}")
+  manager = checkpoints.make_manager(workdir, ml_collections.ConfigDict(
+      {"checkpoints_to_keep": len(steps), "checkpoints_to_average": 1}))
+  try:
+    config = checkpoints.restore_config(manager, steps[-1] if step is None else step)
+    for axis, size in (("data", -1), ("fsdp", 1), ("tensor", 1)):
+      config.mesh[axis] = size  # Translate on whatever devices are here.
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer.vocab_size != config.model.vocab_size:
+      raise RunError(f"the tokenizer in {workdir} has {tokenizer.vocab_size} pieces but the "
+                     f"checkpoint's model has vocab_size={config.model.vocab_size}")
+    setup = trainer.make_setup(config)
+    try:
+      if step is not None:
+        params, used = checkpoints.restore(manager, setup, step)[0].params, [step]
+      else:
+        used = steps[-average_last:]
+        params = checkpoints.average(manager, setup, average_last)
+    except (ValueError, KeyError) as e:
+      raise RunError(f"the checkpoint in {workdir} does not match its own config: {e}") from e
+  finally:
+    manager.close()
+  return Run(config, setup, params, tokenizer, used)
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def _read_lines(path: str) -> list[str]:
+  with open(path, encoding="utf-8") as f:
+    return [line.rstrip("\n") for line in f]
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+  """`transformer-evaluate`: translate a split or a file with a run and score it with sacreBLEU."""
+  parser = argparse.ArgumentParser(prog="transformer-evaluate", description=evaluate_main.__doc__)
+  parser.add_argument("--workdir", required=True, help="the training run's directory")
+  parser.add_argument("--split", default="test", help="a split of the run's dataset (default: test)")
+  parser.add_argument("--source_file", help="translate this file (one sentence a line) instead")
+  parser.add_argument("--reference_file", help="references for --source_file, line by line")
+  parser.add_argument("--average_last", type=int, default=1,
+                      help="average the last N checkpoints (the paper: 5 for base, 20 for big)")
+  parser.add_argument("--beam_size", type=int, help="default: the run's decode.beam_size")
+  parser.add_argument("--alpha", type=float, help="length penalty; default: the run's")
+  parser.add_argument("--output_dir", help="where to write hypotheses and scores (default: workdir)")
+  args = parser.parse_args(argv)
+  try:
+    run = load_run(args.workdir, average_last=args.average_last)
+    if args.source_file:
+      if not args.reference_file:
+        parser.error("--source_file needs --reference_file")
+      sources, references = _read_lines(args.source_file), _read_lines(args.reference_file)
+      if len(sources) != len(references):
+        raise RunError(f"{args.source_file} has {len(sources)} lines but {args.reference_file} "
+                       f"has {len(references)}")
+      name = os.path.basename(args.source_file)
+    else:
+      from transformer_jax.data import sources as data_sources
+      split = data_sources.load_split(run.config.data, args.split)
+      sources = [split.examples[i][split.source_lang].decode() for i in range(len(split.examples))]
+      references = [split.examples[i][split.target_lang].decode() for i in range(len(split.examples))]
+      name = args.split
+  except (RunError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  hypotheses = run.translate(sources, beam_size=args.beam_size, alpha=args.alpha)
+  scores = score(hypotheses, references)
+  scores.update(sentences=len(sources), checkpoints=run.steps,
+                beam_size=args.beam_size or run.config.decode.beam_size)
+  output_dir = os.path.abspath(args.output_dir or args.workdir)
+  os.makedirs(output_dir, exist_ok=True)
+  with open(os.path.join(output_dir, f"{name}.hypotheses.txt"), "w", encoding="utf-8") as f:
+    f.writelines(h + "\n" for h in hypotheses)
+  with open(os.path.join(output_dir, f"{name}.scores.json"), "w") as f:
+    json.dump(scores, f, indent=2)
+  print(f"{name}: sacreBLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  "
+        f"({len(sources)} sentences, checkpoints {run.steps})\n{scores['bleu_signature']}\n"
+        f"{scores['chrf_signature']}\nwritten to {output_dir}")
+  return 0
+
+
+def translate_main(argv: Sequence[str] | None = None) -> int:
+  """`translate`: translate sentences (arguments, --input file, or standard input) with a run."""
+  parser = argparse.ArgumentParser(prog="translate", description=translate_main.__doc__)
+  parser.add_argument("sentences", nargs="*", help="sentences to translate")
+  parser.add_argument("--workdir", required=True, help="the training run's directory")
+  parser.add_argument("--input", help="a file with one sentence a line ('-' for standard input)")
+  parser.add_argument("--average_last", type=int, default=1, help="average the last N checkpoints")
+  parser.add_argument("--beam_size", type=int, help="default: the run's decode.beam_size")
+  parser.add_argument("--alpha", type=float, help="length penalty; default: the run's")
+  args = parser.parse_args(argv)
+  if args.sentences and args.input:
+    parser.error("give sentences as arguments or with --input, not both")
+  try:
+    run = load_run(args.workdir, average_last=args.average_last)
+  except RunError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.sentences:
+    sentences = list(args.sentences)
+  elif args.input and args.input != "-":
+    sentences = _read_lines(args.input)
+  else:
+    sentences = [line.rstrip("\n") for line in sys.stdin]
+  if sentences:
+    for line in run.translate(sentences, beam_size=args.beam_size, alpha=args.alpha):
+      print(line)
+  return 0
+
+
+def translate_main_entry() -> None:
+  sys.exit(translate_main())
+
+
+def evaluate_main_entry() -> None:
+  sys.exit(evaluate_main())

@@ -224,8 +224,9 @@ class MetricWriter:
 
 def _progress(total: int, initial: int):
   from tqdm.auto import tqdm
-  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-              disable=jax.process_index() != 0, mininterval=2.0)
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=2.0,
+              disable=jax.process_index() != 0,
+              bar_format="{l_bar}{bar}| step {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches,
@@ -289,10 +290,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
     if peak > 0:
       summary["mfu"] = flops / elapsed / (peak * jax.device_count())
     writer.write(step, "train", summary)
+    # Time left: by steps at the current rate, or by the time budget, whichever ends first.
+    left = (train_cfg.num_steps - step) / summary["steps_per_s"]
+    left = min(left, max(0.0, stop.deadline - time.monotonic()))
+    progress.total = min(train_cfg.num_steps, step + int(left * summary["steps_per_s"]))
     progress.set_postfix_str(
         f"loss {summary['loss']:.3f} lr {summary['learning_rate']:.2e} "
-        f"{summary['target_tokens_per_s']:,.0f} tok/s" + (f" mfu {summary['mfu']:.1%}" if peak > 0 else ""),
-        refresh=False)
+        f"{summary['target_tokens_per_s']:,.0f} tok/s" + (f" mfu {summary['mfu']:.1%}" if peak > 0 else "")
+        + f" left {int(left // 60)}:{int(left % 60):02d}", refresh=False)
     pending, flops, window_start = [], 0.0, time.perf_counter()
 
   def save() -> None:
