@@ -75,7 +75,7 @@ def main():
         multiple_of=trainer.sharding.batch_multiple(setup.mesh))
   packed = variants["packed"]
   state, key = setup.init_state(0), jax.random.key(0)
-  step_rate(setup, state, packed[0], key, 1)  # Compile.
+  _, state = step_rate(setup, state, packed[0], key, 1)  # Compile (the state is donated).
   results = {name: [] for name in variants}
   results["train step"] = []
   for r in range(args.rounds):  # Interleaved, so machine noise hits every variant alike.

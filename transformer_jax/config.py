@@ -164,6 +164,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.eval_every = 1000  # Validation loss and BLEU.
   config.train.eval_bleu_sentences = 256  # Validation sentences decoded (greedily) for BLEU.
   config.train.samples_to_print = 5  # Test translations printed at the end.
+  config.train.test_sentences = 0  # Test sentences translated at the end; 0: all of them.
   config.train.checkpoint_every = 1000
   config.train.checkpoints_to_keep = 5
   config.train.peak_flops = 0.0  # Per-device peak FLOP/s for MFU when the device is not known.

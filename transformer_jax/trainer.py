@@ -455,6 +455,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   test = load_split(config, workdir, "test", tokenizer)
   metrics = evaluate_loss(setup, state.params, eval_batches(config, setup, test))
   start = time.perf_counter()
+  if config.train.test_sentences:
+    test.indices = test.indices[:config.train.test_sentences]
   scores, hypotheses = translation_metrics(setup, state.params, config, test, tokenizer)
   metrics.update(scores, decode_seconds=time.perf_counter() - start, step=int(jax.device_get(state.step)))
   if jax.process_index() == 0:
