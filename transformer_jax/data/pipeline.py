@@ -153,7 +153,13 @@ def plan_bucketed(corpus: TokenizedCorpus, indices: np.ndarray, tokens_per_batch
   rows, lengths, sizes = [], [], []
   for b, length in enumerate(bounds):
     members = indices[bucket_of == b]
+    if not len(members):
+      continue
     n = round_down(tokens_per_batch // int(length), multiple_of)
+    if rng is None:
+      # Evaluation: a bucket with fewer examples than a batch gets a smaller batch (translating
+      # three sentences should not decode a full batch of padding rows).
+      n = min(n, -(-len(members) // multiple_of) * multiple_of)
     for start in range(0, len(members), n):
       rows.append([(int(i),) for i in members[start:start + n]])
       lengths.append(int(length))
