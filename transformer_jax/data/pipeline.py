@@ -75,16 +75,19 @@ def tokenize_corpus(examples: Sequence[dict], source_lang: str, target_lang: str
     with np.load(cache_path) as f:
       return TokenizedCorpus(**{k: f[k] for k in ("src", "src_offsets", "tgt", "tgt_offsets")})
   dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
-  sides = {"src": [], "tgt": []}
+  # Chunks become numpy arrays at once: Python lists of WMT's ~270M tokens would need >10 GB.
+  chunks = {"src": [], "tgt": []}
   for start in range(0, len(examples), chunk_size):
     chunk = [examples[i] for i in range(start, min(start + chunk_size, len(examples)))]
-    sides["src"] += tokenizer.encode_batch([ex[source_lang] for ex in chunk])
-    sides["tgt"] += tokenizer.encode_batch([ex[target_lang] for ex in chunk])
+    for side, lang in (("src", source_lang), ("tgt", target_lang)):
+      ids = tokenizer.encode_batch([ex[lang] for ex in chunk])
+      lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+      chunks[side].append((np.fromiter((t for x in ids for t in x), dtype, int(lengths.sum())), lengths))
   arrays = {}
-  for side, ids in sides.items():
-    lengths = np.fromiter((len(x) for x in ids), np.int64, len(ids))
+  for side, parts in chunks.items():
+    lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
     arrays[side + "_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    arrays[side] = np.fromiter((t for x in ids for t in x), dtype, int(lengths.sum()))
+    arrays[side] = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, dtype)
   corpus = TokenizedCorpus(**arrays)
   if cache_path:
     os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
