@@ -229,7 +229,7 @@ def test_a_tiny_model_learns_to_reverse_sequences_exactly():
   batches = pipeline.EpochBatches(corpus, np.arange(len(corpus)), tokens_per_batch=512, max_len=16,
                                   packing=True, seed=0, shuffle=True, num_epochs=None)
   state, key = setup.init_state(0), jax.random.key(0)
-  for k in range(600):
+  for k in range(900):
     state, metrics = setup.train_step(state, setup.put_batch(batches[k]), key)
   held_out = reversal_corpus(32)
   src = np.zeros((32, 8), np.int32)

@@ -29,13 +29,17 @@ def label_smoothed_cross_entropy(logits: Array, targets: Array, label_smoothing:
     [B, T] float32 losses, padding included (weight them with `targets != PAD_ID`).
   """
   vocab_size = logits.shape[-1]
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  logits = logits.astype(jnp.float32)
+  # log p(v) = logit(v) - logsumexp(logits), so neither term below needs the [B, T, V] log-probs:
+  # sum_v q(v) log p(v), with q `low` everywhere plus (confidence - low) on the target, is
+  # (confidence - low) * log p(target) + low * (sum_v logit(v) - V * logsumexp).
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_log_prob = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
   confidence = 1.0 - label_smoothing
   low = label_smoothing / (vocab_size - 1)
-  # sum_v q(v) log p(v) without building the [B, T, V] one-hot: q is `low` everywhere plus
-  # (confidence - low) on the target.
-  cross = (confidence - low) * target_log_prob + low * jnp.sum(log_probs, axis=-1)
+  cross = (confidence - low) * target_log_prob
+  if label_smoothing > 0:
+    cross += low * (jnp.sum(logits, axis=-1) - vocab_size * log_z)
   entropy = -confidence * jnp.log(confidence)
   if label_smoothing > 0:
     entropy -= (vocab_size - 1) * low * jnp.log(low)
@@ -52,13 +56,18 @@ def compute_metrics(logits: Array, targets: Array, label_smoothing: float,
   """Summed (not averaged) metrics of a batch, so they add up across batches and devices.
 
   Returns:
-    `loss` (label-smoothed), `nll` (plain cross-entropy, for perplexity), `correct` (argmax hits)
+    `loss` (label-smoothed), `nll` (plain cross-entropy, for perplexity), `correct` (tokens whose
+    target has the highest logit; a tie, which float logits make vanishingly rare, counts as a hit)
     and `tokens` (the weight total), each a float32 scalar.
   """
   weights = token_weights(targets) if weights is None else weights
   loss = label_smoothed_cross_entropy(logits, targets, label_smoothing)
   nll = label_smoothed_cross_entropy(logits, targets, 0.0) if label_smoothing else loss
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  # The target's logit against the maximum rather than argmax against the target: the maximum is
+  # the one log_softmax takes anyway, whereas argmax is one more pass over the [B, T, V] logits
+  # (5% of the base model's train step on a CPU).
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  correct = (target_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
   return {
       "loss": jnp.sum(loss * weights),
       "nll": jnp.sum(nll * weights),
