@@ -40,6 +40,7 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds are chatty at INFO.
   logging.getLogger("transformer_jax").setLevel(logging.INFO)
+  trainer.keep_cpu_step_memory()  # Before anything starts JAX's backends.
   initialize_distributed()
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -57,11 +57,12 @@ def main():
   os.environ["JAX_PLATFORMS"] = "cpu"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
+  from transformer_jax import trainer
+  trainer.keep_cpu_step_memory()  # As train.py does, before JAX starts its backends.
   if args.coordinator:
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)
   import numpy as np
-  from transformer_jax import trainer
   from transformer_jax.data import pipeline
 
   config = tiny_run_config(args.steps, args.checkpoint_every)

@@ -8,6 +8,7 @@ would have drawn.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -40,6 +41,35 @@ log = logging.getLogger(__name__)
 
 Batch = dict[str, jax.Array]
 PACKING_KEYS = ("src_segments", "src_positions", "tgt_segments", "tgt_positions")
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h).
+
+
+def keep_cpu_step_memory() -> bool:
+  """Lets XLA:CPU reuse a train step's temporary memory instead of faulting it in afresh each step.
+
+  XLA:CPU allocates a step's temporaries as one block (1.8 GB for base at 8 x 128 tokens). A worker
+  thread gets a block that large from glibc as a fresh mmap, unmapped when the step ends, so each
+  step page-faults the whole block in again: 450,000 faults and about a fifth of the CPU time of
+  the base step on two cores. Running computations on the calling thread (no asynchronous dispatch
+  on the CPU; the training loop waits for each step anyway) with glibc's mmap switched off and a
+  2 GB trim threshold keeps the block in the heap from one step to the next. The cost: the process
+  keeps its peak heap rather than returning it to the system. GPU and TPU computations are
+  unaffected.
+
+  Call it before JAX initialises its backends (train.py does); once the CPU client exists, its
+  dispatch mode is fixed.
+
+  Returns:
+    Whether glibc accepted the settings (False where there is no glibc, e.g. macOS).
+  """
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return False
+  return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 @flax.struct.dataclass
