@@ -1,0 +1,211 @@
+"""Train-step throughput and MFU against PyTorch eager, and on an accelerator against its peak.
+
+  python bench/train_step.py [--sizes small,base] [--rounds 5]          # CPU, float32, vs PyTorch
+  python bench/train_step.py --sizes base,big --dtype bfloat16 --batch 200x128 --no_torch  # GPU/TPU
+
+Times our jitted train step (`trainer.make_setup(config).train_step`) on a fixed batch of random
+tokens and prints medians: step time, target tokens/s, model FLOPs utilisation (MFU), and the time
+the paper's base schedule (100,000 steps of about 25,000 target tokens) would take at that rate.
+MFU counts the FLOPs of `flops.train_step_flops` (the pre-softmax projection included) against a
+peak: on a CPU the machine's float32 matmul peak, measured here as the best of `jnp.dot` and
+`torch.matmul` on large square matrices, before, between and after the timed rounds, the highest
+figure seen (so that noise can only lower the MFU); on a GPU or TPU the vendor figure for the dtype
+(`flops.PEAK_FLOPS`).
+
+On a CPU the step runs beside an equivalent PyTorch model (bench/torch_peer.py, our model rebuilt
+from `torch.nn.Transformer`: post-LN, shared scaled embeddings, sinusoidal positions, dropout 0.1
+where ours has it, label-smoothed (0.1) cross-entropy ignoring padding, Adam (0.9, 0.98, 1e-9) with
+the paper's schedule), the two alternating round by round so that machine noise hits both alike,
+and the script prints the ratio. The peer starts from our initial parameters; the script prints
+the largest logit difference between the two models on the benchmark batch (float32 rounding) so
+that the comparison is known to be between equal models. `--torch_stock` keeps what stock
+`nn.Transformer` has and ours does not (attention and feed-forward dropout, final stack norms).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.pipeline import load_config  # noqa: E402
+from transformer_jax import trainer  # noqa: E402
+from transformer_jax.flops import peak_flops_per_device, train_step_flops  # noqa: E402
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# Default batch shapes [rows, length] per side on a CPU: small uses its config's budget (4,096
+# tokens, rows of 128); base and big a batch that takes seconds a step on two cores.
+CPU_BATCHES = {"small": (32, 128), "base": (8, 128), "big": (4, 128)}
+PAPER_STEPS, PAPER_TOKENS = 100_000, 25_000  # Section 5.1 and 5.3: the base model's schedule.
+
+
+def matmul_peak(use_torch: bool, sizes=(2048, 4096), repeats: int = 5) -> dict[str, float]:
+  """The best float32 FLOP/s of jnp.dot (and torch.matmul) on [n, n] x [n, n], over `sizes`."""
+  best = {"jnp.dot": 0.0}
+  dot = jax.jit(jnp.dot)
+  for n in sizes:
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), np.float32) for _ in range(2))
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    runs = {"jnp.dot": lambda: dot(ja, jb).block_until_ready()}
+    if use_torch:
+      import torch
+      ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+      runs["torch.matmul"] = lambda: torch.matmul(ta, tb)
+    for name, fn in runs.items():
+      fn()
+      for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best[name] = max(best.get(name, 0.0), 2 * n**3 / (time.perf_counter() - t0))
+  return best
+
+
+def time_ours(setup, state, batch, key, steps: int):
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = setup.train_step(state, batch, key)
+  jax.block_until_ready((state, metrics))
+  return (time.perf_counter() - t0) / steps, state
+
+
+def time_theirs(step, src, tgt, steps: int) -> float:
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    step(src, tgt)
+  return (time.perf_counter() - t0) / steps
+
+
+def make_peer(cfg, config, setup, batch, src, tgt, args):
+  """The PyTorch peer from our initial parameters; returns (step, src, tgt, logit difference)."""
+  import torch
+  from bench.torch_peer import TorchTransformer, adam_trainer, load_flax_params, max_logit_difference
+  model = TorchTransformer.like(cfg, max(cfg.max_len, src.shape[1]), stock=args.torch_stock).train()
+  init_params = setup.init_state(0).params
+  load_flax_params(model, jax.device_get(init_params))
+  ours_logits = setup.model.apply({"params": init_params}, batch["src"], batch["tgt"])
+  difference = max_logit_difference(model, jax.device_get(ours_logits), src, tgt)
+  n_ours = sum(x.size for x in jax.tree.leaves(init_params))
+  n_torch = sum(p.numel() for p in model.parameters())
+  if n_torch != n_ours:
+    print(f"warning: the PyTorch peer has {n_torch:,} parameters, ours {n_ours:,}")
+  step = adam_trainer(model, config.train.warmup_steps)
+  return step, torch.from_numpy(src).long(), torch.from_numpy(tgt).long(), difference
+
+
+def bench_size(size: str, args) -> dict:
+  config = load_config(os.path.join(CONFIGS, f"{size}.py"))
+  config.model.update(dict(attention_impl=args.attention_impl, dtype=args.dtype))
+  rows, length = args.batch or CPU_BATCHES[size]
+  cfg = trainer.TransformerConfig.from_config(config.model)
+  rng = np.random.default_rng(0)
+  src, tgt = (rng.integers(4, cfg.vocab_size, (rows, length)).astype(np.int32) for _ in range(2))
+
+  setup = trainer.make_setup(config)
+  state, key = setup.init_state(0), jax.random.key(0)
+  batch = setup.put_batch({"src": src, "tgt": tgt})
+  t0 = time.perf_counter()
+  _, state = time_ours(setup, state, batch, key, 1)
+  compile_s = time.perf_counter() - t0
+
+  peer = None
+  if not args.no_torch:
+    peer = make_peer(cfg, config, setup, batch, src, tgt, args)
+    time_theirs(*peer[:3], 1)  # Allocator and thread-pool warm-up.
+
+  steps = args.steps or (3 if size == "small" or jax.default_backend() != "cpu" else 1)
+  ours, theirs, peaks = [], [], []
+  for _ in range(args.rounds):  # Interleaved, so machine noise hits both alike.
+    t, state = time_ours(setup, state, batch, key, steps)
+    ours.append(t)
+    if peer:
+      theirs.append(time_theirs(*peer[:3], steps))
+    if jax.default_backend() == "cpu":  # The peak too: the clock moves with the machine's load.
+      peaks.append(matmul_peak(False, sizes=(4096,), repeats=2)["jnp.dot"])
+  return {"size": size, "batch": f"{rows}x{length}",
+          "params": sum(x.size for x in jax.tree.leaves(state.params)),
+          "flops": train_step_flops(cfg, rows, length, length), "compile_s": compile_s,
+          "tokens": rows * length, "ours": statistics.median(ours),
+          "theirs": statistics.median(theirs) if peer else None,
+          "difference": peer[3] if peer else None, "peaks": peaks}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--sizes", default="small,base", help="comma-separated: small, base, big")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=0,
+                      help="steps per round; 0: 3 for small and on accelerators, 1 for base/big on a CPU")
+  parser.add_argument("--batch", default="", help="ROWSxLENGTH per side, for every size (default: per size)")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--attention_impl", default="einsum", choices=("einsum", "dot_product"))
+  parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
+  parser.add_argument("--torch_stock", action="store_true",
+                      help="keep nn.Transformer's attention/feed-forward dropout and final norms")
+  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's threads")
+  parser.add_argument("--default_memory", action="store_true",
+                      help="skip trainer.keep_cpu_step_memory() (which train.py calls)")
+  args = parser.parse_args()
+  args.batch = tuple(map(int, args.batch.lower().split("x"))) if args.batch else None
+  if not args.default_memory:
+    trainer.keep_cpu_step_memory()  # As train.py does; the PyTorch peer shares the process's heap.
+  on_cpu = jax.default_backend() == "cpu"
+  args.no_torch = args.no_torch or not on_cpu  # The peer is the CPU build of PyTorch.
+  if not args.no_torch:
+    import torch
+    torch.set_num_threads(args.threads)
+
+  # The peak: on a CPU the best of both libraries, measured before and after the runs (the clock
+  # moves with the load of the machine's other tenants); elsewhere the vendor's figure.
+  peaks = matmul_peak(not args.no_torch) if on_cpu else {}
+  results = [bench_size(size, args) for size in args.sizes.split(",")]
+  if on_cpu:
+    peaks = {k: max(v, w) for (k, v), w in zip(peaks.items(), matmul_peak(not args.no_torch).values())}
+    during = [p for r in results for p in r["peaks"]]
+    peak = max(*peaks.values(), *during)  # The highest seen: the MFU below is if anything low.
+    print("float32 matmul peak, n^3 for n = 2048 and 4096, best of 5 each, before and after the runs: " +
+          ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()) +
+          f"; jnp.dot between rounds: {min(during) / 1e9:.0f} to {max(during) / 1e9:.0f} GFLOP/s"
+          f"; peak (the highest) = {peak / 1e9:.0f} GFLOP/s")
+  else:
+    peak = peak_flops_per_device(args.dtype) * jax.device_count()
+    print(f"peak: {peak / 1e12:.0f} TFLOP/s ({jax.device_count()} x {jax.devices()[0].device_kind}, "
+          f"{args.dtype}, vendor figure)" if peak else "peak: unknown device, no MFU")
+
+  versions = f"jax {jax.__version__} ({jax.device_count()} {jax.devices()[0].device_kind})"
+  if not args.no_torch:
+    versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+  print(f"\n{versions}, {args.dtype}, attention_impl={args.attention_impl}, "
+        f"{'default allocator' if args.default_memory else 'keep_cpu_step_memory'}, "
+        f"medians of {args.rounds} {'interleaved ' if not args.no_torch else ''}rounds\n")
+  mfu = lambda r, t: f"{r['flops'] / t / peak:>7.1%}" if peak else f"{'n/a':>7}"
+  header = f"{'size':<6}{'batch':>9}{'params':>9}{'GFLOP':>8}{'':>3}{'ours ms':>9}{'tok/s':>9}{'MFU':>7}"
+  if not args.no_torch:
+    header += f"{'':>3}{'torch ms':>9}{'tok/s':>9}{'MFU':>7}{'ours/torch':>12}"
+  print(header + f"{'paper schedule':>16}")
+  for r in results:
+    row = (f"{r['size']:<6}{r['batch']:>9}{r['params'] / 1e6:>8.1f}M{r['flops'] / 1e9:>8.0f}{'':>3}"
+           f"{r['ours'] * 1e3:>9.0f}{r['tokens'] / r['ours']:>9.0f}{mfu(r, r['ours'])}")
+    if r["theirs"] is not None:
+      row += (f"{'':>3}{r['theirs'] * 1e3:>9.0f}{r['tokens'] / r['theirs']:>9.0f}{mfu(r, r['theirs'])}"
+              f"{r['theirs'] / r['ours']:>11.2f}x")
+    hours = PAPER_STEPS * PAPER_TOKENS / (r["tokens"] / r["ours"]) / 3600
+    print(row + f"{hours:>14,.1f} h")
+  notes = ["tok/s: target tokens per second",
+           f"paper schedule: {PAPER_STEPS:,} steps of {PAPER_TOKENS:,} target tokens at our rate",
+           "compile: " + ", ".join(f"{r['size']} {r['compile_s']:.0f} s" for r in results)]
+  if not args.no_torch:
+    notes[0] += "; ours/torch > 1 means ours is faster"
+    notes.append("largest logit difference from the same parameters: " +
+                 ", ".join(f"{r['size']} {r['difference']:.1e}" for r in results))
+  print("\n(" + "; ".join(notes) + ")")
+
+
+if __name__ == "__main__":
+  main()
