@@ -10,7 +10,7 @@ dropout on the attention weights and inside the feed-forward network, and the fi
 adds to each stack.
 
 `load_flax_params` copies our parameters into the peer, so that both compute the same function;
-`max_logit_difference` checks it. Needs torch (`pip install torch==2.13.0`, the CPU build).
+`max_logit_difference` checks it. Needs torch: `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`.
 """
 
 from __future__ import annotations

@@ -49,10 +49,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 def keep_cpu_step_memory() -> bool:
   """Lets XLA:CPU reuse a train step's temporary memory instead of faulting it in afresh each step.
 
-  XLA:CPU allocates a step's temporaries as one block (1.8 GB for base at 8 x 128 tokens). A worker
-  thread gets a block that large from glibc as a fresh mmap, unmapped when the step ends, so each
-  step page-faults the whole block in again: 450,000 faults and about a fifth of the CPU time of
-  the base step on two cores. Running computations on the calling thread (no asynchronous dispatch
+  XLA:CPU allocates a step's temporaries as one block (over a gigabyte for base at 8 x 128 tokens).
+  A worker thread gets a block that large from glibc as a fresh mmap, unmapped when the step ends,
+  so each step page-faults the whole block in again: 336,000 minor faults a base step against
+  1,100 with this function, and 14 to 18% of the step time on two cores (BENCHMARKS.md). Running computations on the calling thread (no asynchronous dispatch
   on the CPU; the training loop waits for each step anyway) with glibc's mmap switched off and a
   2 GB trim threshold keeps the block in the heap from one step to the next. The cost: the process
   keeps its peak heap rather than returning it to the system. GPU and TPU computations are
