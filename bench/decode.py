@@ -116,10 +116,8 @@ def trim(tokens: np.ndarray) -> np.ndarray:
 
 def torch_greedy(model, params, src, max_len: int, threads: int):
   """The PyTorch peer with our parameters, as a `(params, src) -> tokens` function like the others."""
-  import warnings
   import torch
   from bench.torch_peer import TorchTransformer, greedy_decode, load_flax_params
-  warnings.filterwarnings("ignore", message=".*nested tensors.*")
   torch.set_num_threads(threads)
   peer = TorchTransformer.like(model.config, max_len=max(max_len, src.shape[1])).eval()
   load_flax_params(peer, jax.device_get(params))

@@ -16,12 +16,17 @@ adds to each stack.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID
+
+# nn.TransformerEncoder's inference fast path (nested tensors for padded batches) warns that the
+# API is a prototype, once per call; the path itself is PyTorch's own and stays on.
+warnings.filterwarnings("ignore", message=".*nested tensors.*")
 
 
 def sinusoids(length: int, d_model: int) -> torch.Tensor:

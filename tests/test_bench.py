@@ -1,0 +1,66 @@
+"""The benchmark scripts run and print their tables (tiny shapes; the figures themselves are not
+checked: they live in BENCHMARKS.md). The PyTorch peer is left out, as CI does not install torch;
+when torch is installed, the peer must compute the same logits as our model."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_script(*args: str, timeout: int = 300) -> str:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env.pop("XLA_FLAGS", None)  # One device, as the benchmarks are measured.
+  done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout
+
+
+def test_train_step_benchmark_prints_step_time_and_mfu():
+  out = run_script("bench/train_step.py", "--sizes", "small", "--batch", "2x16", "--rounds", "2",
+                   "--steps", "1", "--no_torch")
+  row = next(line for line in out.splitlines() if line.startswith("small"))
+  fields = row.split()
+  assert fields[1] == "2x16" and fields[2] == "7.6M", row
+  assert float(fields[4]) > 0 and fields[6].endswith("%"), row  # ms/step and MFU.
+  assert "peak (the highest)" in out
+
+
+def test_attention_benchmark_prints_both_implementations_and_plots(tmp_path):
+  plot = tmp_path / "attention.png"
+  out = run_script("bench/attention.py", "--lengths", "16,32", "--rounds", "1", "--d_model", "32",
+                   "--num_heads", "4", "--plot", str(plot))
+  rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("16", "32")]
+  assert [r[0] for r in rows] == ["16", "32"]
+  assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+  assert plot.stat().st_size > 0
+
+
+def test_the_pytorch_peer_computes_our_logits():
+  torch = pytest.importorskip("torch")
+  import jax
+  sys.path.insert(0, str(ROOT))
+  from bench.torch_peer import TorchTransformer, greedy_decode, load_flax_params, max_logit_difference
+  from conftest import init_params, tiny_config
+  from transformer_jax import Transformer, decode
+
+  config = tiny_config()
+  rng = np.random.default_rng(0)
+  src = rng.integers(4, config.vocab_size, (3, 9)).astype(np.int32)
+  tgt = rng.integers(4, config.vocab_size, (3, 7)).astype(np.int32)
+  src[0, 6:] = tgt[1, 5:] = 0  # Some padding.
+  params = init_params(config, src, tgt)
+  ours = Transformer(config).apply({"params": params}, src, tgt)
+  peer = TorchTransformer.like(config, max_len=32)
+  load_flax_params(peer, jax.device_get(params))
+  assert max_logit_difference(peer, np.asarray(ours), src, tgt) < 1e-4
+  theirs = greedy_decode(peer.eval(), torch.from_numpy(src).long(), max_len=10).numpy()
+  mine = np.asarray(decode.translate(Transformer(config), params, src, beam_size=1, alpha=0.0,
+                                     max_extra_len=1))
+  np.testing.assert_array_equal(theirs, mine[:, :theirs.shape[1]])
