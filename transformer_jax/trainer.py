@@ -52,11 +52,12 @@ def keep_cpu_step_memory() -> bool:
   XLA:CPU allocates a step's temporaries as one block (over a gigabyte for base at 8 x 128 tokens).
   A worker thread gets a block that large from glibc as a fresh mmap, unmapped when the step ends,
   so each step page-faults the whole block in again: 336,000 minor faults a base step against
-  1,100 with this function, and 14 to 18% of the step time on two cores (BENCHMARKS.md). Running computations on the calling thread (no asynchronous dispatch
-  on the CPU; the training loop waits for each step anyway) with glibc's mmap switched off and a
-  2 GB trim threshold keeps the block in the heap from one step to the next. The cost: the process
-  keeps its peak heap rather than returning it to the system. GPU and TPU computations are
-  unaffected.
+  1,100 with this function, and 14 to 18% of the step time on two cores (BENCHMARKS.md). Running
+  CPU computations on the calling thread (no asynchronous dispatch; the training loop waits for
+  each step anyway) with glibc's mmap switched off and a 2 GB trim threshold keeps the block in the
+  heap from one step to the next. The cost: the process keeps its peak heap rather than returning
+  it to the system. On a GPU or TPU host the device computations are unaffected; the glibc
+  settings still apply to the host's memory (data loading, checkpoints).
 
   Call it before JAX initialises its backends (train.py does); once the CPU client exists, its
   dispatch mode is fixed.
