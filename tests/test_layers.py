@@ -6,9 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from conftest import tiny_config
-from transformer_jax.layers import FeedForward, PositionalEncoding, SharedEmbedding, sinusoidal_encoding
+from transformer_jax.layers import Dropout, FeedForward, PositionalEncoding, SharedEmbedding, sinusoidal_encoding
 
 
 def test_sinusoidal_encoding_equals_the_papers_formula():
@@ -62,3 +63,29 @@ def test_feed_forward_is_relu_between_two_linear_maps():
   p = jax.tree.map(np.asarray, params)
   expected = np.maximum(0, x @ p["wi"]["kernel"] + p["wi"]["bias"]) @ p["wo"]["kernel"] + p["wo"]["bias"]
   np.testing.assert_allclose(module.apply({"params": params}, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [512, 7])
+@pytest.mark.parametrize("rate", [0.1, 0.3])
+def test_dropout_keeps_units_independently_at_the_rate_and_keeps_the_mean(rate, width):
+  x = jnp.ones((1 << 21) // width * width).reshape(-1, width)
+  y = Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
+  kept = np.asarray(y != 0)
+  n = kept.size
+  sigma = math.sqrt(rate * (1 - rate) / n)
+  assert abs(kept.mean() - (1 - rate)) < 5 * sigma
+  assert abs(float(y.mean()) - 1.0) < 5 * sigma / (1 - rate)  # Inverted: the mean is kept.
+  # Neighbours (the two halves of one random word when the width is even) are independent.
+  both = (kept[:, 0::2][:, :width // 2] & kept[:, 1::2][:, :width // 2]).mean()
+  assert abs(both - (1 - rate) ** 2) < 5 * math.sqrt((1 - rate) ** 2 / (n / 2))
+
+
+def test_dropout_is_keyed_deterministic_when_asked_and_keeps_the_dtype():
+  x = jnp.ones((4, 6, 8), jnp.bfloat16)
+  drop = lambda seed, **kw: Dropout(0.5).apply({}, x, rngs={"dropout": jax.random.key(seed)}, **kw)
+  assert drop(0, deterministic=True) is x
+  assert drop(0, deterministic=False).dtype == jnp.bfloat16
+  np.testing.assert_array_equal(drop(1, deterministic=False), drop(1, deterministic=False))
+  assert not np.array_equal(drop(1, deterministic=False), drop(2, deterministic=False))
+  assert set(np.unique(np.asarray(drop(1, deterministic=False), np.float32))) <= {0.0, 2.0}
+  assert Dropout(0.0).apply({}, x, deterministic=False) is x  # No rng needed at rate 0.

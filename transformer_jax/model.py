@@ -19,7 +19,7 @@ from flax import traverse_util
 from transformer_jax.attention import MultiHeadAttention, causal_mask, segment_mask
 from transformer_jax.config import TransformerConfig
 from transformer_jax.constants import BOS_ID, PAD_ID
-from transformer_jax.layers import FeedForward, PositionalEncoding, SharedEmbedding, layer_norm
+from transformer_jax.layers import Dropout, FeedForward, PositionalEncoding, SharedEmbedding, layer_norm
 
 Array = jax.Array
 
@@ -33,7 +33,7 @@ class _ResidualLayer(nn.Module):
     """Section 5.4: LayerNorm(x + Dropout(Sublayer(x))) (post-LN), or the pre-LN variant
     x + Dropout(Sublayer(LayerNorm(x)))."""
     cfg = self.config
-    dropout = nn.Dropout(cfg.dropout_rate)
+    dropout = Dropout(cfg.dropout_rate)
     if cfg.norm_position == "pre":
       return x + dropout(fn(layer_norm(cfg, f"{name}_norm")(x)), deterministic=not train)
     return layer_norm(cfg, f"{name}_norm")(x + dropout(fn(x), deterministic=not train))
@@ -81,7 +81,7 @@ class Encoder(nn.Module):
     """[B, S] tokens -> [B, S, D] encoder output."""
     cfg = self.config
     x = PositionalEncoding(cfg, name="positions")(self.embed(src), positions)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=not train)
+    x = Dropout(cfg.dropout_rate)(x, deterministic=not train)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     mask = segment_mask(segments, segments)
     for i in range(cfg.num_layers):
@@ -103,7 +103,7 @@ class Decoder(nn.Module):
     """[B, T] decoder inputs -> [B, T, V] float32 logits of the next tokens."""
     cfg = self.config
     y = PositionalEncoding(cfg, name="positions")(self.embed(tgt_in), positions)
-    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=not train)
+    y = Dropout(cfg.dropout_rate)(y, deterministic=not train)
     y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
     # Padding and packing mask, and the causal mask that keeps the decoder auto-regressive (3.2.3).
     # With a cache, self-attention's mask comes from the decode position instead.
