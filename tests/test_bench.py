@@ -32,6 +32,15 @@ def test_train_step_benchmark_prints_step_time_and_mfu():
   assert "peak (the highest)" in out
 
 
+def test_dropout_benchmark_times_the_four_variants():
+  out = run_script("bench/dropout.py", "--size", "small", "--batch", "2x16", "--rounds", "1")
+  rows = {line[:28].strip(): line[28:].split() for line in out.splitlines()[-4:]}
+  assert set(rows) == {"ours (16 bits a unit)", "flax nn.Dropout (32 bits)",
+                       "flax nn.Dropout, rbg PRNG", "no dropout"}, out
+  assert rows["no dropout"] == ["0.00", rows["no dropout"][1], "1.000x"], out
+  assert all(float(r[1]) > 0 for r in rows.values()), out
+
+
 def test_attention_benchmark_prints_both_implementations_and_plots(tmp_path):
   plot = tmp_path / "attention.png"
   out = run_script("bench/attention.py", "--lengths", "16,32", "--rounds", "1", "--d_model", "32",
