@@ -42,8 +42,8 @@ def load(args):
     for i, x in enumerate(ids):
       src[i, :len(x)] = x
     return run.setup.model, run.params, jnp.asarray(src), run.config
-  from bench.pipeline import load_config
-  config = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "small.py"))
+  from bench.pipeline import CONFIGS, load_config
+  config = load_config(os.path.join(CONFIGS, "small.py"))
   setup = trainer.make_setup(config)
   params = setup.init_state(0).params
   rng = np.random.default_rng(0)

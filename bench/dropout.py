@@ -26,10 +26,9 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.pipeline import load_config  # noqa: E402
+from bench.pipeline import CONFIGS, load_config  # noqa: E402
 from transformer_jax import model as model_module  # noqa: E402
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # name: (dropout module, PRNG, dropout rate or None for the config's).
 VARIANTS = {
     "ours (16 bits a unit)": (model_module.Dropout, "threefry2x32", None),

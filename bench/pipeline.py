@@ -24,6 +24,9 @@ from transformer_jax import trainer  # noqa: E402
 from transformer_jax.data import pipeline  # noqa: E402
 
 
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
 def load_config(path: str):
   import importlib.util
   spec = importlib.util.spec_from_file_location("config", path)

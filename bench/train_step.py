@@ -34,11 +34,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.pipeline import load_config  # noqa: E402
+from bench.pipeline import CONFIGS, load_config  # noqa: E402
 from transformer_jax import trainer  # noqa: E402
 from transformer_jax.flops import peak_flops_per_device, train_step_flops  # noqa: E402
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # Default batch shapes [rows, length] per side on a CPU: small uses its config's budget (4,096
 # tokens, rows of 128); base and big a batch that takes seconds a step on two cores.
 CPU_BATCHES = {"small": (32, 128), "base": (8, 128), "big": (4, 128)}
