@@ -17,7 +17,7 @@ from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
 
-from transformer_jax import trainer
+from transformer_jax import cpu, experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "small.py"),
@@ -40,9 +40,9 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds are chatty at INFO.
   logging.getLogger("transformer_jax").setLevel(logging.INFO)
-  trainer.keep_cpu_step_memory()  # Before anything starts JAX's backends.
+  cpu.keep_cpu_step_memory()  # Before anything starts JAX's backends.
   initialize_distributed()
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -27,24 +27,27 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transformer_jax import decode, evaluate, trainer  # noqa: E402
+from transformer_jax import decode, evaluate, steps  # noqa: E402
+from transformer_jax.data import sources  # noqa: E402
 from transformer_jax.constants import EOS_ID, PAD_ID  # noqa: E402
 from transformer_jax.model import Transformer  # noqa: E402
+from bench.uncached_decode import greedy_search_uncached, uncached_decoder  # noqa: E402
 
 
 def load(args):
   if args.workdir:
     run = evaluate.load_run(args.workdir)
-    split = trainer.sources.load_split(run.config.data, "test")
+    split = sources.load_split(run.config.data, "test")
     texts = [split.examples[i][split.source_lang] for i in range(args.sentences)]
     ids = run.tokenizer.encode_batch(texts)
     src = np.zeros((args.sentences, max(map(len, ids))), np.int32)
     for i, x in enumerate(ids):
       src[i, :len(x)] = x
     return run.setup.model, run.params, jnp.asarray(src), run.config
-  from bench.pipeline import CONFIGS, load_config
-  config = load_config(os.path.join(CONFIGS, "small.py"))
-  setup = trainer.make_setup(config)
+  from bench.pipeline import CONFIGS
+  from transformer_jax.config import load_config_file
+  config = load_config_file(os.path.join(CONFIGS, "small.py"))
+  setup = steps.make_setup(config)
   params = setup.init_state(0).params
   rng = np.random.default_rng(0)
   src = rng.integers(4, config.model.vocab_size, (args.sentences, 32)).astype(np.int32)
@@ -67,12 +70,12 @@ def main():
 
   def uncached_beam(params, src):
     encoded = model.apply({"params": params}, src, method=Transformer.encode)
-    step, cache = decode.uncached_decoder(model, params, encoded, src, max_len)
+    step, cache = uncached_decoder(model, params, encoded, src, max_len)
     return decode.beam_search(step, cache, src.shape[0], beam, max_len, alpha)[0][:, 0]
 
   variants = {
       "greedy, cached": decode.make_translate_fn(model, 1, 0.0, args.max_extra_len),
-      "greedy, no cache": jax.jit(lambda p, s: decode.greedy_search_uncached(model, p, s, max_len)),
+      "greedy, no cache": jax.jit(lambda p, s: greedy_search_uncached(model, p, s, max_len)),
       f"beam {beam}, cached": decode.make_translate_fn(model, beam, alpha, args.max_extra_len),
       f"beam {beam}, no cache": jax.jit(uncached_beam),
   }

@@ -20,13 +20,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from transformer_jax import trainer  # noqa: E402
+from transformer_jax import cpu, steps  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.pipeline import CONFIGS, load_config  # noqa: E402
+from bench.pipeline import CONFIGS  # noqa: E402
+from transformer_jax.config import load_config_file  # noqa: E402
 from transformer_jax import model as model_module  # noqa: E402
 
 # name: (dropout module, PRNG, dropout rate or None for the config's).
@@ -54,15 +55,15 @@ def main():
   parser.add_argument("--batch", default="8x128", help="ROWSxLENGTH per side")
   parser.add_argument("--rounds", type=int, default=7)
   args = parser.parse_args()
-  trainer.keep_cpu_step_memory()  # As train.py does.
+  cpu.keep_cpu_step_memory()  # As train.py does.
   rows, length = map(int, args.batch.lower().split("x"))
 
   runs = {}
   for name, (cls, impl, rate) in VARIANTS.items():
-    config = load_config(os.path.join(CONFIGS, f"{args.size}.py"))
+    config = load_config_file(os.path.join(CONFIGS, f"{args.size}.py"))
     if rate is not None:
       config.model.dropout_rate = rate
-    setup = trainer.make_setup(config)
+    setup = steps.make_setup(config)
     rng = np.random.default_rng(0)
     src, tgt = (rng.integers(4, config.model.vocab_size, (rows, length)).astype(np.int32)
                 for _ in range(2))

@@ -12,7 +12,7 @@ batches of the same token budget (`data.tokens_per_batch` per side):
   padded     the plain baseline: examples in random order, every row padded to max_len, as many
              rows as the budget allows (tokens_per_batch // max_len).
 
-The process is set up as train.py sets it up (`trainer.keep_cpu_step_memory()`). Every batch
+The process is set up as train.py sets it up (`cpu.keep_cpu_step_memory()`). Every batch
 shape is compiled first; then each variant runs `--steps` steps a round, the variants
 alternating, and the script prints the medians of real (non-padding) target tokens per second and
 the ratio to the padded baseline. Batches are assembled before the timed steps (bench/pipeline.py
@@ -30,8 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.pipeline import load_config  # noqa: E402
-from transformer_jax import trainer  # noqa: E402
+from transformer_jax.config import load_config_file  # noqa: E402
+from transformer_jax import cpu, experiment, sharding, steps  # noqa: E402
+from transformer_jax.data import sources  # noqa: E402
 from transformer_jax.data import pipeline  # noqa: E402
 
 
@@ -65,14 +66,14 @@ def main():
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=8, help="steps per variant per round")
   args = parser.parse_args()
-  trainer.keep_cpu_step_memory()  # As train.py does, before JAX starts its backends.
-  config = load_config(args.config)
-  setup = trainer.make_setup(config)
-  train_raw = trainer.sources.load_split(config.data, "train")
-  tokenizer = trainer.load_tokenizer(config, args.workdir, train_raw)
-  split = trainer.load_split(config, args.workdir, "train", tokenizer)
+  cpu.keep_cpu_step_memory()  # As train.py does, before JAX starts its backends.
+  config = load_config_file(args.config)
+  setup = steps.make_setup(config)
+  train_raw = sources.load_split(config.data, "train")
+  tokenizer = experiment.load_tokenizer(config, args.workdir, train_raw)
+  split = experiment.load_split(config, args.workdir, "train", tokenizer)
   budget, max_len = config.data.tokens_per_batch, config.data.max_len
-  multiple = trainer.sharding.batch_multiple(setup.mesh)
+  multiple = sharding.batch_multiple(setup.mesh)
 
   needed = args.rounds * args.steps
   variants = {}

@@ -20,19 +20,13 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402,F401
 
-from transformer_jax import trainer  # noqa: E402
+from transformer_jax import experiment, sharding, steps  # noqa: E402
+from transformer_jax.config import load_config_file  # noqa: E402
+from transformer_jax.data import sources  # noqa: E402
 from transformer_jax.data import pipeline  # noqa: E402
 
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def load_config(path: str):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def pipeline_rate(batches: pipeline.EpochBatches, start: int, count: int, num_workers: int = 0) -> float:
@@ -62,12 +56,12 @@ def main():
   parser.add_argument("--batches", type=int, default=50)
   parser.add_argument("--steps", type=int, default=5)
   args = parser.parse_args()
-  config = load_config(args.config)
-  setup = trainer.make_setup(config)
-  train_raw = trainer.sources.load_split(config.data, "train")
-  tokenizer = trainer.load_tokenizer(config, args.workdir, train_raw)
+  config = load_config_file(args.config)
+  setup = steps.make_setup(config)
+  train_raw = sources.load_split(config.data, "train")
+  tokenizer = experiment.load_tokenizer(config, args.workdir, train_raw)
   t0 = time.perf_counter()
-  split = trainer.load_split(config, args.workdir, "train", tokenizer)
+  split = experiment.load_split(config, args.workdir, "train", tokenizer)
   print(f"corpus: {len(split.corpus):,} examples, tokenized (or loaded from cache) in "
         f"{time.perf_counter() - t0:.1f} s")
   variants = {}
@@ -75,7 +69,7 @@ def main():
     variants["packed" if packing else "bucketed"] = pipeline.EpochBatches(
         split.corpus, split.indices, tokens_per_batch=config.data.tokens_per_batch,
         max_len=config.data.max_len, packing=packing, seed=0, shuffle=True, num_epochs=None,
-        multiple_of=trainer.sharding.batch_multiple(setup.mesh))
+        multiple_of=sharding.batch_multiple(setup.mesh))
   packed = variants["packed"]
   state, key = setup.init_state(0), jax.random.key(0)
   _, state = step_rate(setup, state, packed[0], key, 1)  # Compile (the state is donated).

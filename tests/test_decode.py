@@ -13,8 +13,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from conftest import init_params, random_tokens, tiny_config
 from transformer_jax import BOS_ID, EOS_ID, PAD_ID, Transformer
 from transformer_jax.decode import (
-    beam_search, cached_decoder, expand_to_beams, greedy_search, greedy_search_uncached,
-    length_penalty, make_translate_fn, translate, uncached_decoder)
+    beam_search, cached_decoder, expand_to_beams, greedy_search, length_penalty, make_translate_fn,
+    translate)
+from bench.uncached_decode import greedy_search_uncached, uncached_decoder
 
 # Fake models over a vocabulary of 5 ids. They give PAD_ID and BOS_ID probability 0, so outputs are
 # made of the words 3 and 4 and EOS_ID; the impossible ids also check that -inf log-probabilities

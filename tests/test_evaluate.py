@@ -9,7 +9,7 @@ import pytest
 import sacrebleu
 
 import tiny_run
-from transformer_jax import checkpoints, evaluate, trainer
+from transformer_jax import checkpoints, evaluate, steps
 from transformer_jax.tokenizer import train_tokenizer
 
 HYPOTHESES = ["The cat sat on the mat.", "A dog barked loudly at night", "Hello world"]
@@ -37,7 +37,7 @@ def run_dir(tmp_path_factory):
   tokenizer.save(workdir / "tokenizer.model")
   config = tiny_run.tiny_run_config(steps=4)
   config.model.vocab_size = 48
-  setup = trainer.make_setup(config, jax.devices()[:1])
+  setup = steps.make_setup(config, jax.devices()[:1])
   state = setup.init_state(0)
   manager = checkpoints.make_manager(str(workdir), config.train)
   for step in (1, 2):

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import tiny_run
-from transformer_jax import base_config, checkpoints, trainer
+from transformer_jax import base_config, checkpoints, sharding, steps, trainer
+from transformer_jax.optim import learning_rate_schedule
 from transformer_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -48,20 +49,20 @@ def assert_bitwise_equal(a, b):
 def tiny_setup(devices=None, **train):
   config = tiny_run.tiny_run_config(steps=10)
   config.train.update(train)
-  return config, trainer.make_setup(config, devices)
+  return config, steps.make_setup(config, devices)
 
 
 def tiny_batches(config, setup, **kwargs):
   corpus = tiny_run.fake_corpus()
   indices, _ = pipeline.keep_indices(corpus, config.model.max_len)
   kwargs = {"packing": True, "seed": 0, "shuffle": True, "num_epochs": None,
-            "multiple_of": max(4, trainer.sharding.batch_multiple(setup.mesh)), **kwargs}
+            "multiple_of": max(4, sharding.batch_multiple(setup.mesh)), **kwargs}
   return pipeline.EpochBatches(corpus, indices, tokens_per_batch=config.data.tokens_per_batch,
                                max_len=config.model.max_len, **kwargs)
 
 
 def test_the_learning_rate_schedule_is_the_papers_formula():
-  schedule = trainer.learning_rate_schedule(base_config().train, 512)  # warmup_steps = 4000
+  schedule = learning_rate_schedule(base_config().train, 512)  # warmup_steps = 4000
   for step in (1, 100, 4000, 4001, 20000, 100000):
     expected = 512**-0.5 * min(step**-0.5, step * 4000**-1.5)
     np.testing.assert_allclose(float(schedule(step - 1)), expected, rtol=1e-6)
@@ -70,7 +71,7 @@ def test_the_learning_rate_schedule_is_the_papers_formula():
 def test_a_tiny_model_overfits_one_batch():
   config, _ = tiny_setup(label_smoothing=0.0, schedule="constant", learning_rate=3e-3, warmup_steps=1)
   config.model.dropout_rate = 0.0
-  setup = trainer.make_setup(config, jax.devices()[:1])
+  setup = steps.make_setup(config, jax.devices()[:1])
   batch = setup.put_batch(tiny_batches(config, setup)[0])
   state = setup.init_state(0)
   key = jax.random.key(0)
@@ -214,7 +215,7 @@ def test_a_tiny_model_learns_to_reverse_sequences_exactly():
   config, _ = tiny_setup(label_smoothing=0.0, schedule="constant", learning_rate=2e-3, warmup_steps=50)
   config.model.update(dict(dropout_rate=0.0, d_model=64, d_ff=128, vocab_size=16, max_len=16))
   config.data.tokens_per_batch = 512
-  setup = trainer.make_setup(config, jax.devices()[:1])
+  setup = steps.make_setup(config, jax.devices()[:1])
   rng = np.random.default_rng(0)
   def reversal_corpus(n):
     lengths = rng.integers(2, 8, n)  # EOS included.

@@ -57,8 +57,8 @@ def main():
   os.environ["JAX_PLATFORMS"] = "cpu"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
-  from transformer_jax import trainer
-  trainer.keep_cpu_step_memory()  # As train.py does, before JAX starts its backends.
+  from transformer_jax import cpu, sharding, steps, trainer
+  cpu.keep_cpu_step_memory()  # As train.py does, before JAX starts its backends.
   if args.coordinator:
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)
@@ -66,13 +66,13 @@ def main():
   from transformer_jax.data import pipeline
 
   config = tiny_run_config(args.steps, args.checkpoint_every)
-  setup = trainer.make_setup(config)
+  setup = steps.make_setup(config)
   corpus = fake_corpus()
   indices, _ = pipeline.keep_indices(corpus, config.model.max_len)
   batches = pipeline.EpochBatches(
       corpus, indices, tokens_per_batch=config.data.tokens_per_batch, max_len=config.model.max_len,
       packing=config.data.packing, seed=config.seed, shuffle=True, num_epochs=None,
-      multiple_of=max(4, trainer.sharding.batch_multiple(setup.mesh)),
+      multiple_of=max(4, sharding.batch_multiple(setup.mesh)),
       process_index=jax.process_index(), process_count=jax.process_count())
   if args.step_sleep:  # Slow each step down, so a test can signal the run mid-way.
     step_fn = setup.train_step

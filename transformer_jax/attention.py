@@ -15,6 +15,12 @@ import flax.linen as nn
 from transformer_jax.config import TransformerConfig
 from transformer_jax.constants import MASK_VALUE, PAD_ID
 
+# Names of the "cache" collection's variables. Self-attention fills its slots as decoding advances
+# (empty at the start); encoder-decoder attention stores its projection of the encoder output once.
+# `model.init_cache` tells the two kinds apart by these names, whatever the layers are called.
+SELF_CACHE = ("cached_key", "cached_value")
+ENCODER_CACHE = ("encoded_key", "encoded_value")
+
 Array = jax.Array
 
 
@@ -137,8 +143,8 @@ class MultiHeadAttention(nn.Module):
 
   def _update_self_cache(self, k: Array, v: Array, index: Array) -> tuple[Array, Array, Array]:
     """Writes this chunk's keys and values at `index`; returns the whole cache and its mask."""
-    cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
-    cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+    cached_k = self.variable("cache", SELF_CACHE[0], jnp.zeros, k.shape, k.dtype)
+    cached_v = self.variable("cache", SELF_CACHE[1], jnp.zeros, v.shape, v.dtype)
     start = (0, index, 0, 0)
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
@@ -157,11 +163,11 @@ class MultiHeadAttention(nn.Module):
 
   def _cached_encoder_kv(self, encoded: Array) -> tuple[Array, Array]:
     """The projected encoder output: computed on the first call, read from the cache after."""
-    if self.has_variable("cache", "cached_key"):
-      return self.get_variable("cache", "cached_key"), self.get_variable("cache", "cached_value")
+    if self.has_variable("cache", ENCODER_CACHE[0]):
+      return self.get_variable("cache", ENCODER_CACHE[0]), self.get_variable("cache", ENCODER_CACHE[1])
     cfg = self.config
     k = self._project_in(cfg.head_dim_k, "key", encoded)
     v = self._project_in(cfg.head_dim_v, "value", encoded)
-    self.put_variable("cache", "cached_key", k)
-    self.put_variable("cache", "cached_value", v)
+    self.put_variable("cache", ENCODER_CACHE[0], k)
+    self.put_variable("cache", ENCODER_CACHE[1], v)
     return k, v

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-if TYPE_CHECKING:
-  from transformer_jax.trainer import Setup, TrainState
+from transformer_jax.steps import Setup, TrainState
 
 
 def make_manager(workdir: str, train: ml_collections.ConfigDict) -> ocp.CheckpointManager:

@@ -9,6 +9,8 @@ misspelled override (`--config.model.num_head=16`) fails because the dict is loc
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -78,11 +80,11 @@ class TransformerConfig:
       raise ValueError(f"dropout_rate={self.dropout_rate!r} must lie in [0, 1)")
     if not self.layer_norm_epsilon > 0:
       raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon!r} must be positive")
-    _check_choice("positional_encoding", self.positional_encoding, POSITIONAL_ENCODINGS)
-    _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
-    _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
-    _check_choice("dtype", self.dtype, DTYPES)
-    _check_choice("param_dtype", self.param_dtype, DTYPES)
+    check_choice("positional_encoding", self.positional_encoding, POSITIONAL_ENCODINGS)
+    check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+    check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    check_choice("dtype", self.dtype, DTYPES)
+    check_choice("param_dtype", self.param_dtype, DTYPES)
     if self.attention_impl == "dot_product" and self.head_dim_k != self.head_dim_v:
       raise ValueError(
           f"attention_impl='dot_product' needs d_k == d_v, got d_k={self.head_dim_k} and "
@@ -122,7 +124,7 @@ def _check_positive_int(name: str, value: Any) -> None:
     raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
   if value not in choices:
     raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
@@ -209,3 +211,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.lock()
   return config
+
+
+def load_config_file(path: str | os.PathLike, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The config of a file such as `configs/small.py`: its `get_config()` (or `get_config(arg)`),
+  as `--config path[:arg]` gives it to train.py, for notebooks and scripts without flags."""
+  spec = importlib.util.spec_from_file_location("transformer_jax_config_file", os.fspath(path))
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"{path}: not a Python config file")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config() if arg is None else module.get_config(arg)

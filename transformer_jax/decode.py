@@ -264,55 +264,12 @@ def cached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
   return tokens_to_logits, cache
 
 
-def uncached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
-                     max_len: int) -> tuple[TokensToLogits, Cache]:
-  """The decoder as a `tokens_to_logits` step that reruns the full decoder, without a cache.
-
-  The "cache" is only the prefix written so far, [N, L] tokens. Every step runs `Transformer.decode`
-  over all L positions and reads the logits at `index`; the causal mask hides the positions not
-  written yet. So a step costs a full decoder pass, as it does for a decoder without a key/value
-  cache and with static shapes. It serves as the reference for cached decoding and as a baseline.
-
-  Args and Returns: as `cached_decoder`.
-  """
-  prefix = jnp.full((src.shape[0], max_len), PAD_ID, jnp.int32)
-
-  def tokens_to_logits(tokens: Array, cache: Cache, index: Array) -> tuple[Array, Cache]:
-    copies = tokens.shape[0] // src.shape[0]
-    tgt_in = jax.lax.dynamic_update_slice(cache["prefix"], tokens, (0, index))
-    # Every position is a real target token here (the model may emit PAD_ID), as in cached decoding.
-    logits = model.apply(
-        {"params": params}, expand_to_beams(encoded, copies), expand_to_beams(src, copies), tgt_in,
-        tgt_segments=jnp.ones_like(tgt_in), method=Transformer.decode)
-    return jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False), {"prefix": tgt_in}
-
-  return tokens_to_logits, {"prefix": prefix}
-
-
-def _check_output_length(model: Transformer, max_len: int):
+def check_output_length(model: Transformer, max_len: int):
   cfg = model.config
   if cfg.positional_encoding == "learned" and max_len > cfg.max_len:
     raise ValueError(
         f"output length {max_len} exceeds the {cfg.max_len} learned positions (config max_len); "
         f"use a smaller max_extra_len or shorter sources")
-
-
-def greedy_search_uncached(model: Transformer, params: Any, src: Array, max_len: int) -> Array:
-  """Greedy decoding that reruns the full decoder at every step (see `uncached_decoder`).
-
-  Args:
-    model: the Transformer.
-    params: its parameters.
-    src: [B, S] source tokens, PAD_ID after the end.
-    max_len: L, the most tokens to generate.
-
-  Returns:
-    [B, L] int32 generated tokens, PAD_ID after EOS_ID.
-  """
-  _check_output_length(model, max_len)
-  encoded = model.apply({"params": params}, src, method=Transformer.encode)
-  tokens_to_logits, cache = uncached_decoder(model, params, encoded, src, max_len)
-  return greedy_search(tokens_to_logits, cache, src.shape[0], max_len)
 
 
 def translate(model: Transformer, params: Any, src: Array, *, beam_size: int, alpha: float,
@@ -335,7 +292,7 @@ def translate(model: Transformer, params: Any, src: Array, *, beam_size: int, al
   """
   batch_size, src_len = src.shape
   max_len = src_len + max_extra_len
-  _check_output_length(model, max_len)
+  check_output_length(model, max_len)
   encoded = model.apply({"params": params}, src, method=Transformer.encode)
   tokens_to_logits, cache = cached_decoder(model, params, encoded, src, max_len)
   if beam_size == 1:

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 
 from transformer_jax import checkpoints, decode, sharding
 from transformer_jax.data import pipeline
+from transformer_jax.steps import Setup, make_setup
 from transformer_jax.tokenizer import Tokenizer
 
 
@@ -50,11 +51,8 @@ def translate_corpus(model, params: Any, mesh: jax.sharding.Mesh, corpus: pipeli
   Every process takes part (the batch is sharded over the mesh); every process gets all the
   translations back.
   """
-  batches = pipeline.EpochBatches(
-      corpus, np.asarray(indices), tokens_per_batch=tokens_per_batch, max_len=max_len,
-      packing=False, seed=0, shuffle=False, num_epochs=1,
-      multiple_of=sharding.batch_multiple(mesh),
-      process_index=jax.process_index(), process_count=jax.process_count())
+  batches = pipeline.EpochBatches.single_pass(corpus, indices, tokens_per_batch=tokens_per_batch,
+                                              max_len=max_len, **sharding.row_split(mesh))
   translate = decode.make_translate_fn(model, beam_size, alpha, max_extra_len)
   plan = batches.plan(0)
   output: dict[int, str] = {}
@@ -81,7 +79,7 @@ class Run:
   """A trained run ready to translate: its config, model, mesh, parameters and tokenizer."""
 
   config: ml_collections.ConfigDict
-  setup: Any  # trainer.Setup
+  setup: Setup
   params: Any
   tokenizer: Tokenizer
   steps: list[int]  # The checkpoints the parameters come from (several when averaged).
@@ -112,8 +110,6 @@ def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) ->
   Raises:
     RunError: if the workdir does not exist, has no checkpoint or tokenizer, or they disagree.
   """
-  from transformer_jax import trainer  # trainer imports this module.
-
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise RunError(f"workdir {workdir} does not exist; train a model first "
@@ -136,7 +132,7 @@ def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) ->
     if tokenizer.vocab_size != config.model.vocab_size:
       raise RunError(f"the tokenizer in {workdir} has {tokenizer.vocab_size} pieces but the "
                      f"checkpoint's model has vocab_size={config.model.vocab_size}")
-    setup = trainer.make_setup(config)
+    setup = make_setup(config)
     try:
       if step is not None:
         params, used = checkpoints.restore(manager, setup, step)[0].params, [step]

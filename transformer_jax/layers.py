@@ -111,9 +111,9 @@ class Dropout(nn.Module):
   Same contract as `flax.linen.Dropout`: keys from the "dropout" rng stream, the identity when
   `deterministic`, kept units scaled so that the expected output equals the input. flax draws a
   32-bit uniform per unit from threefry, and threefry's cost is per 32-bit word; splitting each
-  word into two 16-bit uniforms halves it, and saves about 4% of the base model's train step on
-  a CPU (`bench/dropout.py`, BENCHMARKS.md). The keys stay threefry's, so masks are the same on
-  every backend and for every sharding of the batch.
+  word into two 16-bit uniforms halves it (the saving on a train step is measured by
+  `bench/dropout.py`; figures in BENCHMARKS.md). The keys stay threefry's, so masks are the same
+  on every backend and for every sharding of the batch.
 
   A unit is kept with probability k = round((1 - rate) * 2^16) / 2^16, within 2^-17 of 1 - rate
   (0.8999939 for rate 0.1), and scaled by 1 / k.

@@ -1,7 +1,12 @@
-"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), section 3, in paper order.
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), section 3, top-down.
 
 Shape legend, used in einsum strings and docstrings throughout the package:
   B batch, S source length, T target length, D d_model, H heads, K head size, F d_ff, V vocabulary.
+
+The file reads in the order of the paper: the encoder-decoder `Transformer` (section 3.1 and the
+shared embedding of 3.4), then its `Encoder` and `Decoder` stacks, then their layers, then the
+residual connection around every sub-layer (5.4). Attention (3.2) lives in `attention.py`;
+embeddings, positions and the feed-forward network (3.3-3.5) in `layers.py`.
 
 Inputs are int32 token arrays with PAD_ID = 0 for padding. Optional segment ids and positions
 describe packed rows (several examples in one row); by default they follow from the padding.
@@ -9,6 +14,7 @@ describe packed rows (several examples in one row); by default they follow from 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,7 +22,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from flax import traverse_util
 
-from transformer_jax.attention import MultiHeadAttention, causal_mask, segment_mask
+from transformer_jax.attention import SELF_CACHE, MultiHeadAttention, causal_mask, segment_mask
 from transformer_jax.config import TransformerConfig
 from transformer_jax.constants import BOS_ID, PAD_ID
 from transformer_jax.layers import Dropout, FeedForward, PositionalEncoding, SharedEmbedding, layer_norm
@@ -24,50 +30,74 @@ from transformer_jax.layers import Dropout, FeedForward, PositionalEncoding, Sha
 Array = jax.Array
 
 
-class _ResidualLayer(nn.Module):
-  """Base of the encoder and decoder layers: the residual connection around each sub-layer."""
+class Transformer(nn.Module):
+  """The encoder-decoder Transformer, with one embedding matrix shared three ways (section 3.4).
+
+  `__call__(src, tgt)` is the training pass: the decoder reads the targets shifted right by one
+  position, so the logits at t predict tgt[t]. `encode` and `decode` are the two halves, for
+  decoding; `decode` with `decode_index` runs incrementally against a key/value cache.
+  """
 
   config: TransformerConfig
 
-  def sublayer(self, x: Array, fn, name: str, train: bool) -> Array:
-    """Section 5.4: LayerNorm(x + Dropout(Sublayer(x))) (post-LN), or the pre-LN variant
-    x + Dropout(Sublayer(LayerNorm(x)))."""
-    cfg = self.config
-    dropout = Dropout(cfg.dropout_rate)
-    if cfg.norm_position == "pre":
-      return x + dropout(fn(layer_norm(cfg, f"{name}_norm")(x)), deterministic=not train)
-    return layer_norm(cfg, f"{name}_norm")(x + dropout(fn(x), deterministic=not train))
+  def setup(self):
+    self.embed = SharedEmbedding(self.config)
+    self.encoder = Encoder(self.config, self.embed)
+    self.decoder = Decoder(self.config, self.embed)
 
+  def __call__(self, src: Array, tgt: Array, *, src_segments: Array | None = None,
+               src_positions: Array | None = None, tgt_segments: Array | None = None,
+               tgt_positions: Array | None = None, train: bool = False) -> Array:
+    """Teacher-forced pass: [B, S] sources and [B, T] targets -> [B, T, V] float32 logits.
 
-class EncoderLayer(_ResidualLayer):
-  """Section 3.1: multi-head self-attention, then the position-wise feed-forward network."""
+    logits[:, t] is the prediction of tgt[:, t] from the source and tgt[:, :t].
+    """
+    tgt_segments = _default_segments(tgt, tgt_segments)
+    tgt_positions = _default_positions(tgt, tgt_positions)
+    encoded = self.encode(src, src_segments=src_segments, src_positions=src_positions, train=train)
+    tgt_in = shift_right(tgt, tgt_positions)
+    return self.decode(encoded, src, tgt_in, src_segments=src_segments, tgt_segments=tgt_segments,
+                       tgt_positions=tgt_positions, train=train)
 
-  @nn.compact
-  def __call__(self, x: Array, mask: Array, *, train: bool) -> Array:
-    """[B, S, D] -> [B, S, D]; `mask` [B, 1, S, S] says which source positions may be attended."""
-    cfg = self.config
-    x = self.sublayer(x, lambda y: MultiHeadAttention(cfg, name="self_attention")(y, y, mask),
-                      "self_attention", train)
-    x = self.sublayer(x, FeedForward(cfg, name="feed_forward"), "feed_forward", train)
-    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+  def encode(self, src: Array, *, src_segments: Array | None = None,
+             src_positions: Array | None = None, train: bool = False) -> Array:
+    """[B, S] source tokens -> [B, S, D] encoder output.
 
+    Args:
+      src: [B, S] int32 tokens, PAD_ID after the end.
+      src_segments: [B, S] segment ids of packed rows; default 1 on tokens and 0 on padding.
+      src_positions: [B, S] positions (restarting per segment in packed rows); default 0..S-1.
+      train: enables dropout (from the "dropout" rng stream).
+    """
+    src_segments = _default_segments(src, src_segments)
+    src_positions = _default_positions(src, src_positions)
+    return self.encoder(src, src_segments, src_positions, train=train)
 
-class DecoderLayer(_ResidualLayer):
-  """Section 3.1: masked self-attention, attention over the encoder output, feed-forward."""
+  def decode(self, encoded: Array, src: Array, tgt_in: Array, *, src_segments: Array | None = None,
+             tgt_segments: Array | None = None, tgt_positions: Array | None = None,
+             train: bool = False, decode_index: Array | None = None) -> Array:
+    """Decoder inputs [B, T] -> [B, T, V] float32 logits of the next tokens.
 
-  @nn.compact
-  def __call__(self, y: Array, encoded: Array, self_mask: Array, cross_mask: Array, *,
-               train: bool, decode_index: Array | None = None) -> Array:
-    """[B, T, D] -> [B, T, D], attending to `encoded` [B, S, D] through `cross_mask` [B, 1, T, S]."""
-    cfg = self.config
-    self_attn = MultiHeadAttention(cfg, name="self_attention")
-    cross_attn = MultiHeadAttention(cfg, self_attention=False, name="cross_attention")
-    y = self.sublayer(y, lambda z: self_attn(z, z, self_mask, decode_index=decode_index),
-                      "self_attention", train)
-    y = self.sublayer(y, lambda z: cross_attn(z, encoded, cross_mask, decode_index=decode_index),
-                      "cross_attention", train)
-    y = self.sublayer(y, FeedForward(cfg, name="feed_forward"), "feed_forward", train)
-    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+    Args:
+      encoded: [B, S, D] the encoder output.
+      src: [B, S] the source tokens (their padding masks encoder-decoder attention).
+      tgt_in: [B, T] decoder inputs: BOS_ID, then the target tokens so far.
+      src_segments, tgt_segments, tgt_positions: as in `encode`; tgt_segments defaults to the
+        padding of `tgt_in`.
+      train: enables dropout.
+      decode_index: incremental decoding: `tgt_in` holds the tokens at positions
+        decode_index .. decode_index + T - 1, and the "cache" collection (mutable) holds the keys
+        and values of the positions before. The first call creates the cache, sized by its input;
+        see `init_cache`.
+    """
+    src_segments = _default_segments(src, src_segments)
+    if decode_index is not None:
+      tgt_positions = decode_index + jnp.broadcast_to(jnp.arange(tgt_in.shape[1]), tgt_in.shape)
+      tgt_segments = jnp.ones_like(tgt_in)
+    tgt_segments = _default_segments(tgt_in, tgt_segments)
+    tgt_positions = _default_positions(tgt_in, tgt_positions)
+    return self.decoder(encoded, src_segments, tgt_in, tgt_segments, tgt_positions, train=train,
+                        decode_index=decode_index)
 
 
 class Encoder(nn.Module):
@@ -118,74 +148,52 @@ class Decoder(nn.Module):
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 
-class Transformer(nn.Module):
-  """The encoder-decoder Transformer, with one embedding matrix shared three ways (section 3.4).
-
-  `__call__(src, tgt)` is the training pass: the decoder reads the targets shifted right by one
-  position, so the logits at t predict tgt[t]. `encode` and `decode` are the two halves, for
-  decoding; `decode` with `decode_index` runs incrementally against a key/value cache.
-  """
+class EncoderLayer(nn.Module):
+  """Section 3.1: multi-head self-attention, then the position-wise feed-forward network."""
 
   config: TransformerConfig
 
-  def setup(self):
-    self.embed = SharedEmbedding(self.config)
-    self.encoder = Encoder(self.config, self.embed)
-    self.decoder = Decoder(self.config, self.embed)
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, *, train: bool) -> Array:
+    """[B, S, D] -> [B, S, D]; `mask` [B, 1, S, S] says which source positions may be attended."""
+    cfg = self.config
+    x = residual(cfg, x, lambda y: MultiHeadAttention(cfg, name="self_attention")(y, y, mask),
+                 "self_attention", train)
+    x = residual(cfg, x, FeedForward(cfg, name="feed_forward"), "feed_forward", train)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-  def encode(self, src: Array, *, src_segments: Array | None = None,
-             src_positions: Array | None = None, train: bool = False) -> Array:
-    """[B, S] source tokens -> [B, S, D] encoder output.
 
-    Args:
-      src: [B, S] int32 tokens, PAD_ID after the end.
-      src_segments: [B, S] segment ids of packed rows; default 1 on tokens and 0 on padding.
-      src_positions: [B, S] positions (restarting per segment in packed rows); default 0..S-1.
-      train: enables dropout (from the "dropout" rng stream).
-    """
-    src_segments = _default_segments(src, src_segments)
-    src_positions = _default_positions(src, src_positions)
-    return self.encoder(src, src_segments, src_positions, train=train)
+class DecoderLayer(nn.Module):
+  """Section 3.1: masked self-attention, attention over the encoder output, feed-forward."""
 
-  def decode(self, encoded: Array, src: Array, tgt_in: Array, *, src_segments: Array | None = None,
-             tgt_segments: Array | None = None, tgt_positions: Array | None = None,
-             train: bool = False, decode_index: Array | None = None) -> Array:
-    """Decoder inputs [B, T] -> [B, T, V] float32 logits of the next tokens.
+  config: TransformerConfig
 
-    Args:
-      encoded: [B, S, D] the encoder output.
-      src: [B, S] the source tokens (their padding masks encoder-decoder attention).
-      tgt_in: [B, T] decoder inputs: BOS_ID, then the target tokens so far.
-      src_segments, tgt_segments, tgt_positions: as in `encode`; tgt_segments defaults to the
-        padding of `tgt_in`.
-      train: enables dropout.
-      decode_index: incremental decoding: `tgt_in` holds the tokens at positions
-        decode_index .. decode_index + T - 1, and the "cache" collection (mutable) holds the keys
-        and values of the positions before. The first call creates the cache, sized by its input;
-        see `init_cache`.
-    """
-    src_segments = _default_segments(src, src_segments)
-    if decode_index is not None:
-      tgt_positions = decode_index + jnp.broadcast_to(jnp.arange(tgt_in.shape[1]), tgt_in.shape)
-      tgt_segments = jnp.ones_like(tgt_in)
-    tgt_segments = _default_segments(tgt_in, tgt_segments)
-    tgt_positions = _default_positions(tgt_in, tgt_positions)
-    return self.decoder(encoded, src_segments, tgt_in, tgt_segments, tgt_positions, train=train,
-                        decode_index=decode_index)
+  @nn.compact
+  def __call__(self, y: Array, encoded: Array, self_mask: Array, cross_mask: Array, *,
+               train: bool, decode_index: Array | None = None) -> Array:
+    """[B, T, D] -> [B, T, D], attending to `encoded` [B, S, D] through `cross_mask` [B, 1, T, S]."""
+    cfg = self.config
+    self_attn = MultiHeadAttention(cfg, name="self_attention")
+    cross_attn = MultiHeadAttention(cfg, self_attention=False, name="cross_attention")
+    y = residual(cfg, y, lambda z: self_attn(z, z, self_mask, decode_index=decode_index),
+                 "self_attention", train)
+    y = residual(cfg, y, lambda z: cross_attn(z, encoded, cross_mask, decode_index=decode_index),
+                 "cross_attention", train)
+    y = residual(cfg, y, FeedForward(cfg, name="feed_forward"), "feed_forward", train)
+    return nn.with_logical_constraint(y, ("batch", "length", "embed"))
 
-  def __call__(self, src: Array, tgt: Array, *, src_segments: Array | None = None,
-               src_positions: Array | None = None, tgt_segments: Array | None = None,
-               tgt_positions: Array | None = None, train: bool = False) -> Array:
-    """Teacher-forced pass: [B, S] sources and [B, T] targets -> [B, T, V] float32 logits.
 
-    logits[:, t] is the prediction of tgt[:, t] from the source and tgt[:, :t].
-    """
-    tgt_segments = _default_segments(tgt, tgt_segments)
-    tgt_positions = _default_positions(tgt, tgt_positions)
-    encoded = self.encode(src, src_segments=src_segments, src_positions=src_positions, train=train)
-    tgt_in = shift_right(tgt, tgt_positions)
-    return self.decode(encoded, src, tgt_in, src_segments=src_segments, tgt_segments=tgt_segments,
-                       tgt_positions=tgt_positions, train=train)
+def residual(cfg: TransformerConfig, x: Array, sublayer: Callable[[Array], Array], name: str,
+             train: bool) -> Array:
+  """Section 5.4: LayerNorm(x + Dropout(Sublayer(x))) (post-LN), or the pre-LN variant
+  x + Dropout(Sublayer(LayerNorm(x))).
+
+  Called inside a layer's `__call__`, so its LayerNorm (`{name}_norm`) belongs to that layer.
+  """
+  dropout = Dropout(cfg.dropout_rate)
+  if cfg.norm_position == "pre":
+    return x + dropout(sublayer(layer_norm(cfg, f"{name}_norm")(x)), deterministic=not train)
+  return layer_norm(cfg, f"{name}_norm")(x + dropout(sublayer(x), deterministic=not train))
 
 
 def shift_right(tgt: Array, positions: Array) -> Array:
@@ -211,12 +219,12 @@ def init_cache(model: Transformer, params: Any, encoded: Array, src: Array, max_
       {"params": params, **cache}, encoded, src, tgt_in, decode_index=jnp.int32(0),
       method=Transformer.decode, mutable=["cache"])[1]["cache"]
   # The self-attention caches take their length from the first call's input: get their shapes from
-  # a full-length call without running it, and start them at zero.
+  # a full-length call without running it, and start them at zero. They are told apart from the
+  # encoder-decoder entries by their variable names (attention.SELF_CACHE).
   shapes = jax.eval_shape(decode, jnp.zeros((batch, max_len), jnp.int32), {})
-  empty = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   self_only = traverse_util.unflatten_dict({
-      path: value for path, value in traverse_util.flatten_dict(empty).items()
-      if "cross_attention" not in path
+      path: jnp.zeros(s.shape, s.dtype)
+      for path, s in traverse_util.flatten_dict(shapes).items() if path[-1] in SELF_CACHE
   })
   # One real step on a placeholder token then fills the encoder-decoder entries; the placeholder's
   # keys and values at position 0 are overwritten by the first decoding step.

@@ -66,6 +66,13 @@ def batch_multiple(mesh: Mesh) -> int:
   return int(np.prod([mesh.shape[axis] for axis in BATCH_AXES]))
 
 
+def row_split(mesh: Mesh) -> dict[str, int]:
+  """How this process takes its rows of a global batch: the `multiple_of`, `process_index` and
+  `process_count` arguments of `data.pipeline.EpochBatches`."""
+  return {"multiple_of": batch_multiple(mesh), "process_index": jax.process_index(),
+          "process_count": jax.process_count()}
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles this process's rows of every array into one global array sharded over the mesh."""
   sharding = batch_sharding(mesh)

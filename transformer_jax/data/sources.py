@@ -18,6 +18,7 @@ from typing import Protocol
 import ml_collections
 import tensorflow_datasets as tfds
 
+from transformer_jax.config import check_choice
 from transformer_jax.data import bible, text, wmt
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,6 @@ class ParallelData:
   name: str
 
 
-def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(f"{field}={value!r} is not one of {', '.join(map(repr, choices))}")
-
-
 def load_split(data_config: ml_collections.ConfigDict, split: str) -> ParallelData:
   """Prepares the configured corpus if needed and opens one of its splits.
 
@@ -69,20 +65,15 @@ def load_split(data_config: ml_collections.ConfigDict, split: str) -> ParallelDa
   Returns:
     The split's examples with the direction of translation.
   """
-  _check_choice("split", split, SPLITS)
+  check_choice("split", split, SPLITS)
   dataset = data_config.dataset
-  _check_choice("data.dataset", dataset, DATASETS)
+  check_choice("data.dataset", dataset, DATASETS)
   source, target = data_config.source_lang, data_config.target_lang
   data_dir = data_config.data_dir
   download_config = None
   if dataset in ("bible", "wmt14"):
     module = bible if dataset == "bible" else wmt
-    if f"{source}-{target}" not in module.language_pairs():
-      raise ValueError(
-          f"data.source_lang={source!r}, data.target_lang={target!r} is not a language pair of "
-          f"data.dataset={dataset!r}; accepted (source-target): "
-          f"{', '.join(module.language_pairs())}")
-    builder = module.make_builder(source, target, data_dir=data_dir)
+    builder = module.make_builder(source, target, data_dir=data_dir)  # Checks the pair.
     if dataset == "wmt14":
       download_config = wmt.download_config(data_config.manual_dir)
   else:

@@ -39,7 +39,10 @@ import tree
 from etils import epath
 from tensorflow_datasets.translate import wmt14 as tfds_wmt14
 
+from transformer_jax.data import pairs
+
 CONFIGS = ("de-en", "fr-en")
+PAIRS = {config: tuple(config.split("-")) for config in CONFIGS}  # Config name -> its languages.
 _DEV = "http://data.statmt.org/wmt19/translation-task/dev.tgz"
 _COMMONCRAWL = "http://www.statmt.org/wmt13/training-parallel-commoncrawl.tgz"
 _EUROPARL = "http://www.statmt.org/wmt13/training-parallel-europarl-v7.tgz"
@@ -161,32 +164,6 @@ def unpack(path: str, method: tfds.download.ExtractMethod, directory: str) -> No
     raise ValueError(f"{path}: extraction method {method} is not supported")
 
 
-def config_name(source_lang: str, target_lang: str) -> str:
-  """The tfds config holding a language pair, in either direction.
-
-  Args:
-    source_lang, target_lang: language codes, e.g. "en" and "de".
-
-  Returns:
-    "de-en" or "fr-en".
-  """
-  for config in CONFIGS:
-    if {source_lang, target_lang} == set(config.split("-")) and source_lang != target_lang:
-      return config
-  raise ValueError(
-      f"source_lang={source_lang!r}, target_lang={target_lang!r} is not a language pair of "
-      f"wmt14; accepted pairs: {', '.join(language_pairs())}")
-
-
-def language_pairs() -> list[str]:
-  """Every accepted (source, target) direction, as "src-tgt"."""
-  pairs = []
-  for config in CONFIGS:
-    a, b = config.split("-")
-    pairs += [f"{b}-{a}", f"{a}-{b}"]
-  return pairs
-
-
 def make_builder(source_lang: str, target_lang: str,
                  data_dir: str | None = None) -> Wmt14Translate:
   """The array_record builder for a language pair (not prepared yet if it is new).
@@ -198,7 +175,8 @@ def make_builder(source_lang: str, target_lang: str,
   Returns:
     The builder; prepare it with `download_and_prepare(download_config=download_config(...))`.
   """
-  return Wmt14Translate(config=config_name(source_lang, target_lang), data_dir=data_dir,
+  return Wmt14Translate(config=pairs.config_for("wmt14", PAIRS, source_lang, target_lang),
+                        data_dir=data_dir,
                         file_format="array_record")
 
 

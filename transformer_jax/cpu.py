@@ -1,0 +1,41 @@
+"""Process settings for training on a CPU, applied by the entry points before JAX starts.
+
+XLA:CPU allocates a train step's temporaries as one block (over a gigabyte for the base model at
+8 x 128 tokens). A worker thread gets a block that large from glibc as a fresh mmap, unmapped when
+the step ends, so each step page-faults the whole block in again. `keep_cpu_step_memory` keeps the
+block in the heap from one step to the next. BENCHMARKS.md has the page faults and step times with
+and without it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import jax
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h).
+
+
+def keep_cpu_step_memory() -> bool:
+  """Lets XLA:CPU reuse a train step's temporary memory instead of faulting it in afresh each step.
+
+  Runs CPU computations on the calling thread (no asynchronous dispatch; the training loop waits
+  for each step anyway) and switches glibc's mmap and heap trimming off. Trimming must be off, not
+  just rare: a trim threshold below the block's size (a larger batch's block) brings the faults
+  back. The cost: the process keeps its peak heap rather than returning it to the system. On a GPU
+  or TPU host the device computations are unaffected; the glibc settings still apply to the host's
+  memory (data loading, checkpoints).
+
+  Call it before JAX initialises its backends (train.py does); once the CPU client exists, its
+  dispatch mode is fixed.
+
+  Returns:
+    Whether glibc accepted the settings (False where there is no glibc, e.g. macOS).
+  """
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  try:
+    libc = ctypes.CDLL("libc.so.6")
+  except OSError:
+    return False
+  # A trim threshold of -1 (SIZE_MAX once glibc casts it) never gives the heap's top back.
+  return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))

@@ -1,0 +1,157 @@
+"""The main job, as `train.py` runs it: data, tokenizer, training with validation, then the test.
+
+`train_and_evaluate(config, workdir)` prepares the corpus's splits and the run's SentencePiece
+model, tokenizes the splits (cached under `workdir/cache`), trains (or resumes) with periodic
+validation loss and greedy BLEU, and finally scores the test split: loss, perplexity, sacreBLEU and
+chrF of beam-search translations, a few of them printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from transformer_jax import evaluate, sharding, trainer
+from transformer_jax.data import pipeline, sources
+from transformer_jax.steps import Setup, evaluate_loss, make_setup
+from transformer_jax.tokenizer import Tokenizer, load_or_train_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Split:
+  """One split of the corpus, tokenized, and the examples that fit `data.max_len`."""
+
+  name: str
+  raw: Any  # data.sources.ParallelData
+  corpus: pipeline.TokenizedCorpus
+  indices: np.ndarray
+
+  def references(self, indices: np.ndarray | None = None) -> list[str]:
+    indices = self.indices if indices is None else indices
+    return [self.raw.examples[int(i)][self.raw.target_lang].decode("utf-8") for i in indices]
+
+  def sources(self, indices: np.ndarray) -> list[str]:
+    return [self.raw.examples[int(i)][self.raw.source_lang].decode("utf-8") for i in indices]
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, train_data) -> Tokenizer:
+  """The run's tokenizer: `workdir/tokenizer.model`, trained on the training split (both sides,
+  a seeded sample) by process 0 the first time, and loaded by every process."""
+  path = os.path.join(workdir, "tokenizer.model")
+  if jax.process_index() == 0 and not os.path.exists(path):
+    examples = train_data.examples
+    order = np.random.default_rng(config.seed).permutation(len(examples))
+    order = order[:max(1, config.data.tokenizer_max_sentences // 2)]
+    sentences = (examples[int(i)][lang] for i in order for lang in (train_data.source_lang, train_data.target_lang))
+    load_or_train_tokenizer(path, sentences, config.model.vocab_size, model_type=config.data.tokenizer,
+                            max_sentences=config.data.tokenizer_max_sentences, seed=config.seed)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tokenizer")
+  return load_or_train_tokenizer(path, (), config.model.vocab_size)
+
+
+def load_split(config: ml_collections.ConfigDict, workdir: str, name: str, tokenizer) -> Split:
+  raw = sources.load_split(config.data, name)
+  cache = os.path.join(workdir, "cache", pipeline.corpus_cache_name(
+      f"{raw.name}-{raw.source_lang}-{raw.target_lang}", name, len(raw.examples), tokenizer))
+  corpus = pipeline.tokenize_corpus(raw.examples, raw.source_lang, raw.target_lang, tokenizer,
+                                    cache_path=cache)
+  indices, dropped = pipeline.keep_indices(corpus, config.data.max_len)
+  log.info("%s: %d examples, %d longer than %d tokens dropped.", name, len(indices), dropped,
+               config.data.max_len)
+  return Split(name, raw, corpus, indices)
+
+
+def translation_metrics(setup: Setup, params: Any, config: ml_collections.ConfigDict, split: Split,
+                        tokenizer, indices: np.ndarray | None = None, beam_size: int | None = None
+                        ) -> tuple[dict[str, Any], list[str]]:
+  """sacreBLEU and chrF of the model's translations of `split` (or of its `indices`)."""
+  indices = split.indices if indices is None else indices
+  hypotheses = evaluate.translate_corpus(
+      setup.model, params, setup.mesh, split.corpus, indices, tokenizer,
+      tokens_per_batch=config.data.tokens_per_batch, max_len=config.data.max_len,
+      beam_size=config.decode.beam_size if beam_size is None else beam_size,
+      alpha=config.decode.length_penalty, max_extra_len=config.decode.max_extra_len)
+  return evaluate.score(hypotheses, split.references(indices)), hypotheses
+
+
+def eval_batches(config: ml_collections.ConfigDict, setup: Setup, split: Split) -> pipeline.EpochBatches:
+  """Every example of the split exactly once, bucketed, padded (never dropped)."""
+  return pipeline.EpochBatches.single_pass(
+      split.corpus, split.indices, tokens_per_batch=config.data.tokens_per_batch,
+      max_len=config.data.max_len, **sharding.row_split(setup.mesh))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """The main job: prepare the data and the tokenizer, train (or resume), then evaluate on the
+  test split (loss, perplexity, sacreBLEU, chrF) and print a few translations.
+
+  Returns:
+    The test metrics.
+  """
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  setup = make_setup(config)
+  log.info("Mesh %s over %d devices (%d processes).", dict(setup.mesh.shape), jax.device_count(),
+               jax.process_count())
+  train_raw = sources.load_split(config.data, "train")
+  tokenizer = load_tokenizer(config, workdir, train_raw)
+  train_split = load_split(config, workdir, "train", tokenizer)
+  validation = load_split(config, workdir, "validation", tokenizer)
+  batches = pipeline.EpochBatches(
+      train_split.corpus, train_split.indices, tokens_per_batch=config.data.tokens_per_batch,
+      max_len=config.data.max_len, packing=config.data.packing, seed=config.seed, shuffle=True,
+      num_epochs=None, **sharding.row_split(setup.mesh))
+  _log_padding(batches)
+  bleu_sample = validation.indices[:config.train.eval_bleu_sentences]
+
+  def evaluate_validation(params, step):
+    metrics = evaluate_loss(setup, params, eval_batches(config, setup, validation))
+    if len(bleu_sample):
+      scores, _ = translation_metrics(setup, params, config, validation, tokenizer, bleu_sample, beam_size=1)
+      metrics.update(bleu_greedy=scores["bleu"], chrf_greedy=scores["chrf"])
+    log.info("step %d validation: %s", step, _fmt(metrics))
+    return metrics
+
+  state = trainer.train(config, workdir, setup, batches, evaluate_validation)
+
+  test = load_split(config, workdir, "test", tokenizer)
+  metrics = evaluate_loss(setup, state.params, eval_batches(config, setup, test))
+  start = time.perf_counter()
+  if config.train.test_sentences:
+    test.indices = test.indices[:config.train.test_sentences]
+  scores, hypotheses = translation_metrics(setup, state.params, config, test, tokenizer)
+  metrics.update(scores, decode_seconds=time.perf_counter() - start, step=int(jax.device_get(state.step)))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "test_hypotheses.txt"), "w") as f:
+      f.writelines(h + "\n" for h in hypotheses)
+    with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
+    print(f"\nTest ({test.raw.name}, {len(test.indices)} sentences, beam {config.decode.beam_size}): "
+          f"sacreBLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}, loss {metrics['loss']:.3f}, "
+          f"perplexity {metrics['perplexity']:.2f}\n  {scores['bleu_signature']}")
+    for source, hypothesis, reference in list(zip(test.sources(test.indices), hypotheses,
+                                                  test.references()))[:config.train.samples_to_print]:
+      print(f"\n  source:     {source}\n  translation: {hypothesis}\n  reference:  {reference}")
+  return metrics
+
+
+def _log_padding(batches: pipeline.EpochBatches) -> None:
+  sample = [batches[k] for k in range(min(20, len(batches.plan(0))))]
+  log.info("Training batches: %d per epoch, %.1f%% padding (first %d batches).",
+               len(batches.plan(0)), 100 * np.mean([pipeline.padding_fraction(b) for b in sample]), len(sample))
+
+
+def _fmt(metrics: dict) -> str:
+  return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

@@ -1,0 +1,177 @@
+"""The train state and the compiled steps of a run: model, optimiser, mesh, and the jitted
+`train_step` and `eval_step` over it.
+
+`train_step(state, batch, dropout_key) -> (state, metrics)` is pure and jitted with the state
+donated; `eval_step(params, batch) -> metrics` sums the loss over a batch. Both are `jax.jit`
+objects on `Setup` (`Setup.jit_train_step`, `Setup.jit_eval_step`), so they can be lowered and
+compiled ahead of time for any mesh; `Setup.train_step` and `Setup.eval_step` call them inside the
+mesh and the logical axis rules.
+
+Keys: `root_keys(seed)` splits the run's one root key by purpose, into the key that initialises the
+parameters and the key that dropout folds the step into (`fold_in(dropout_key, step)`), so a
+resumed run draws the keys a straight run would have drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from transformer_jax import sharding
+from transformer_jax.config import TransformerConfig
+from transformer_jax.losses import compute_metrics
+from transformer_jax.model import Transformer
+from transformer_jax.optim import learning_rate_schedule, make_optimizer
+
+Batch = dict[str, jax.Array]
+PACKING_KEYS = ("src_segments", "src_positions", "tgt_segments", "tgt_positions")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a checkpoint needs to continue training, as one pytree."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(init_key, dropout_key): the run's root key `key(seed)` split once, by purpose."""
+  init_key, dropout_key = jax.random.split(jax.random.key(seed))
+  return init_key, dropout_key
+
+
+@dataclasses.dataclass
+class Setup:
+  """The model, optimiser, mesh and compiled steps of a run.
+
+  Attributes:
+    jit_train_step: `(state, batch, dropout_key) -> (state, metrics)`, jitted with the state
+      donated and the shardings of `state_shardings` and `sharding.batch_sharding(mesh)`. Call it
+      inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)` (as `train_step` does), or
+      lower it with `ShapeDtypeStruct`s to compile it ahead of time.
+    jit_eval_step: `(params, batch) -> summed metrics`, jitted likewise.
+  """
+
+  model_config: TransformerConfig
+  model: Transformer
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  state_shardings: Any
+  jit_train_step: Any
+  jit_eval_step: Any
+
+  def train_step(self, state: TrainState, batch: Batch, dropout_key: jax.Array
+                 ) -> tuple[TrainState, dict]:
+    """One optimiser step (the state is donated: use the returned one)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.jit_train_step(state, batch, dropout_key)
+
+  def eval_step(self, params: Any, batch: Batch) -> dict:
+    """Summed loss, nll, correct predictions and tokens of a batch (no dropout)."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return self.jit_eval_step(params, batch)
+
+  def init_state(self, seed: int) -> TrainState:
+    """Fresh parameters (from `root_keys(seed)`'s init key) and optimiser state, created directly
+    in their shards."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      init = jax.jit(lambda key: nn.meta.unbox(_boxed_state(self.model, self.tx, key)),
+                     out_shardings=self.state_shardings)
+      return init(root_keys(seed)[0])
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto this mesh."""
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(_boxed_state(self.model, self.tx, jax.random.key(0))))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.state_shardings)
+
+  def put_batch(self, local: dict[str, np.ndarray]) -> Batch:
+    """This process's rows of a batch -> global arrays sharded over the mesh."""
+    return sharding.global_batch(local, self.mesh)
+
+
+def _boxed_state(model: Transformer, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+  tokens = jnp.ones((1, 8), jnp.int32)
+  params = model.init(key, tokens, tokens)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def _model_inputs(batch: Batch) -> dict[str, jax.Array]:
+  return {k: batch[k] for k in PACKING_KEYS if k in batch}
+
+
+def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
+  """Builds the model, the optimiser, the mesh and the jitted steps from a run config.
+
+  Args:
+    config: the run config (`model`, `train` and `mesh` are read).
+    devices: the devices of the mesh; default all of them (`jax.devices()`).
+  """
+  model_config = TransformerConfig.from_config(config.model)
+  model = Transformer(model_config)
+  tx = make_optimizer(config.train, model_config.d_model)
+  schedule = learning_rate_schedule(config.train, model_config.d_model)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.axis_rules(config.mesh)
+  boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.key(0)))
+  state_shardings = sharding.logical_shardings(boxed, mesh, rules)
+  label_smoothing = float(config.train.label_smoothing)
+  accum = int(config.train.grad_accum_steps)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array) -> tuple[TrainState, dict]:
+    step_key = jax.random.fold_in(dropout_key, state.step)
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, batch["src"], batch["tgt"], train=True,
+                           rngs={"dropout": step_key}, **_model_inputs(batch))
+      metrics = compute_metrics(logits, batch["tgt"], label_smoothing)
+      return metrics["loss"] / jnp.maximum(metrics["tokens"], 1.0), metrics
+
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["learning_rate"] = schedule(state.step // accum)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def eval_step(params: Any, batch: Batch) -> dict:
+    logits = model.apply({"params": params}, batch["src"], batch["tgt"], **_model_inputs(batch))
+    return compute_metrics(logits, batch["tgt"], label_smoothing)
+
+  batch_sharding = sharding.batch_sharding(mesh)
+  jit_train = jax.jit(train_step, donate_argnums=0,
+                      in_shardings=(state_shardings, batch_sharding, replicated),
+                      out_shardings=(state_shardings, replicated))
+  jit_eval = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding),
+                     out_shardings=replicated)
+  return Setup(model_config, model, tx, mesh, rules, state_shardings, jit_train, jit_eval)
+
+
+def evaluate_loss(setup: Setup, params: Any, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+  """Token-weighted loss, accuracy and perplexity over every batch (each example counted once)."""
+  totals: dict[str, float] = {}
+  for local in batches:
+    metrics = jax.device_get(setup.eval_step(params, setup.put_batch(local)))
+    for k, v in metrics.items():
+      totals[k] = totals.get(k, 0.0) + float(v)
+  tokens = max(totals.get("tokens", 0.0), 1.0)
+  return {
+      "loss": totals.get("loss", 0.0) / tokens,
+      "accuracy": totals.get("correct", 0.0) / tokens,
+      "perplexity": math.exp(min(totals.get("nll", 0.0) / tokens, 50.0)),
+      "tokens": totals.get("tokens", 0.0),
+  }
