@@ -11,13 +11,14 @@ same command on each; jax.distributed is initialised from --coordinator_address/
 
 import logging
 import os
+import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 import jax
 from ml_collections import config_flags
 
-from transformer_jax import cpu, experiment
+from transformer_jax import cpu, errors, experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "small.py"),
@@ -41,8 +42,15 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds are chatty at INFO.
   logging.getLogger("transformer_jax").setLevel(logging.INFO)
   cpu.keep_cpu_step_memory()  # Before anything starts JAX's backends.
-  initialize_distributed()
-  experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    initialize_distributed()
+    experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except errors.UserError as e:
+    # A bad value, file or checkpoint: the message names it; a traceback would only hide it.
+    # TRANSFORMER_JAX_TRACEBACK=1 shows the traceback too.
+    if errors.show_tracebacks():
+      raise
+    sys.exit(errors.report(e, "train.py"))
 
 
 if __name__ == "__main__":

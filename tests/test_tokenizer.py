@@ -5,6 +5,7 @@ import pickle
 import pytest
 
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from transformer_jax.errors import ConfigError
 from transformer_jax.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
 
 SENTENCES = [
@@ -52,3 +53,10 @@ def test_saved_with_the_run_and_reused(tmp_path, tokenizer):
     load_or_train_tokenizer(path, SENTENCES, 200)
   clone = pickle.loads(pickle.dumps(tokenizer))
   assert clone.encode(SENTENCES[0]) == tokenizer.encode(SENTENCES[0])
+
+
+@pytest.mark.parametrize("vocab_size, message", [(5, "Vocabulary size is smaller than required_chars"),
+                                                 (5000, "Vocabulary size too high")])
+def test_a_vocabulary_sentencepiece_cannot_train_names_the_field(vocab_size, message):
+  with pytest.raises(ConfigError, match=rf"{vocab_size}-piece bpe vocabulary .*model.vocab_size.*{message}"):
+    train_tokenizer(["the red cat went home"] * 20, vocab_size=vocab_size)

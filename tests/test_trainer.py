@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import tiny_run
-from transformer_jax import base_config, checkpoints, sharding, steps, trainer
+from tiny_run import tiny_batches, tiny_setup
+from transformer_jax import base_config, checkpoints, errors, sharding, steps, trainer
 from transformer_jax.optim import learning_rate_schedule
 from transformer_jax.data import pipeline
 
@@ -44,21 +45,6 @@ def assert_bitwise_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
-
-
-def tiny_setup(devices=None, **train):
-  config = tiny_run.tiny_run_config(steps=10)
-  config.train.update(train)
-  return config, steps.make_setup(config, devices)
-
-
-def tiny_batches(config, setup, **kwargs):
-  corpus = tiny_run.fake_corpus()
-  indices, _ = pipeline.keep_indices(corpus, config.model.max_len)
-  kwargs = {"packing": True, "seed": 0, "shuffle": True, "num_epochs": None,
-            "multiple_of": max(4, sharding.batch_multiple(setup.mesh)), **kwargs}
-  return pipeline.EpochBatches(corpus, indices, tokens_per_batch=config.data.tokens_per_batch,
-                               max_len=config.model.max_len, **kwargs)
 
 
 def test_the_learning_rate_schedule_is_the_papers_formula():
@@ -203,7 +189,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
     bad = int(state.step) >= 5
     return state, {**metrics, "loss": metrics["loss"] * (jnp.nan if bad else 1.0)}
   setup.train_step = poisoned
-  with pytest.raises(trainer.NonFiniteLossError, match="step 5.*last good checkpoint \\(step 4\\)"):
+  with pytest.raises(errors.NonFiniteError, match="step 5.*last good checkpoint \\(step 4\\)"):
     trainer.train(config, str(tmp_path), setup, tiny_batches(config, setup))
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 

@@ -51,6 +51,26 @@ def fake_corpus(n=300, seed=0):
   return TokenizedCorpus(tokens, offsets, target, offsets.copy())
 
 
+def tiny_setup(devices=None, steps: int = 10, **train):
+  """The tiny run's config (with `train` overrides) and its Setup, in this process."""
+  from transformer_jax import steps as steps_module
+  config = tiny_run_config(steps)
+  config.train.update(train)
+  return config, steps_module.make_setup(config, devices)
+
+
+def tiny_batches(config, setup, **kwargs):
+  """The tiny run's endless, packed, shuffled batches of the fake corpus."""
+  from transformer_jax import sharding
+  from transformer_jax.data import pipeline
+  corpus = fake_corpus()
+  indices, _ = pipeline.keep_indices(corpus, config.model.max_len)
+  kwargs = {"packing": True, "seed": 0, "shuffle": True, "num_epochs": None,
+            "multiple_of": max(4, sharding.batch_multiple(setup.mesh)), **kwargs}
+  return pipeline.EpochBatches(corpus, indices, tokens_per_batch=config.data.tokens_per_batch,
+                               max_len=config.model.max_len, **kwargs)
+
+
 def main():
   args = parse()
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from transformer_jax.errors import ConfigError
+
 POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
 NORM_POSITIONS = ("post", "pre")
 ATTENTION_IMPLS = ("einsum", "dot_product")
@@ -71,22 +73,22 @@ class TransformerConfig:
       value = getattr(self, name)
       if value is None:
         if self.d_model % self.num_heads:
-          raise ValueError(
+          raise ConfigError(
               f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; choose "
               f"num_heads among the divisors of d_model, or set {name} explicitly")
       else:
         _check_positive_int(name, value)
     if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"dropout_rate={self.dropout_rate!r} must lie in [0, 1)")
+      raise ConfigError(f"dropout_rate={self.dropout_rate!r} must lie in [0, 1)")
     if not self.layer_norm_epsilon > 0:
-      raise ValueError(f"layer_norm_epsilon={self.layer_norm_epsilon!r} must be positive")
+      raise ConfigError(f"layer_norm_epsilon={self.layer_norm_epsilon!r} must be positive")
     check_choice("positional_encoding", self.positional_encoding, POSITIONAL_ENCODINGS)
     check_choice("norm_position", self.norm_position, NORM_POSITIONS)
     check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     check_choice("dtype", self.dtype, DTYPES)
     check_choice("param_dtype", self.param_dtype, DTYPES)
     if self.attention_impl == "dot_product" and self.head_dim_k != self.head_dim_v:
-      raise ValueError(
+      raise ConfigError(
           f"attention_impl='dot_product' needs d_k == d_v, got d_k={self.head_dim_k} and "
           f"d_v={self.head_dim_v}; use attention_impl='einsum' for Table 3 row B")
 
@@ -115,18 +117,18 @@ class TransformerConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-      raise ValueError(f"unknown model fields {unknown}; accepted fields: {sorted(known)}")
+      raise ConfigError(f"unknown model fields {unknown}; accepted fields: {sorted(known)}")
     return cls(**values)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{name}={value!r} must be a positive integer")
+    raise ConfigError(f"{name}={value!r} must be a positive integer")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
   if value not in choices:
-    raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+    raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -222,3 +224,87 @@ def load_config_file(path: str | os.PathLike, arg: str | None = None) -> ml_coll
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config() if arg is None else module.get_config(arg)
+
+
+SCHEDULES = ("paper", "cosine", "constant")
+TOKENIZERS = ("bpe", "unigram")
+DATASETS = ("bible", "wmt14", "text")
+RESERVED_IDS = 4  # PAD, EOS, BOS and UNK (constants.py).
+
+_INT, _FLOAT = "int", "float"
+# field -> (type, lowest accepted, highest accepted, whether the lowest itself is excluded).
+_RUN_FIELDS = {
+    "seed": (_INT, 0, None, False),
+    "train.num_steps": (_INT, 0, None, False),
+    "train.warmup_steps": (_INT, 1, None, False),
+    "train.adam_b1": (_FLOAT, 0.0, 1.0, False),
+    "train.adam_b2": (_FLOAT, 0.0, 1.0, False),
+    "train.adam_eps": (_FLOAT, 0.0, None, True),
+    "train.label_smoothing": (_FLOAT, 0.0, 1.0, False),
+    "train.checkpoints_to_average": (_INT, 1, None, False),
+    "train.learning_rate_scale": (_FLOAT, 0.0, None, True),
+    "train.learning_rate": (_FLOAT, 0.0, None, True),
+    "train.grad_clip_norm": (_FLOAT, 0.0, None, False),
+    "train.weight_decay": (_FLOAT, 0.0, None, False),
+    "train.grad_accum_steps": (_INT, 1, None, False),
+    "train.time_budget_minutes": (_FLOAT, 0.0, None, False),
+    "train.log_every": (_INT, 1, None, False),
+    "train.eval_every": (_INT, 1, None, False),
+    "train.eval_bleu_sentences": (_INT, 0, None, False),
+    "train.samples_to_print": (_INT, 0, None, False),
+    "train.test_sentences": (_INT, 0, None, False),
+    "train.checkpoint_every": (_INT, 1, None, False),
+    "train.checkpoints_to_keep": (_INT, 1, None, False),
+    "train.peak_flops": (_FLOAT, 0.0, None, False),
+    "data.tokenizer_max_sentences": (_INT, 1, None, False),
+    "data.max_len": (_INT, 2, None, False),
+    "data.tokens_per_batch": (_INT, 1, None, False),
+    "data.num_workers": (_INT, 0, None, False),
+    "decode.beam_size": (_INT, 1, None, False),
+    "decode.length_penalty": (_FLOAT, 0.0, None, False),
+    "decode.max_extra_len": (_INT, 0, None, False),
+}
+
+
+def validate_run_config(config: ml_collections.ConfigDict) -> TransformerConfig:
+  """Checks the whole run config before any work starts (data, tokenizer, compilation).
+
+  Returns:
+    The validated model config.
+
+  Raises:
+    ConfigError: naming the first field that is not accepted, its value and what is.
+  """
+  model = TransformerConfig.from_config(config.model)
+  for field, (kind, low, high, open_low) in _RUN_FIELDS.items():
+    section, _, name = field.rpartition(".")
+    value = (config[section] if section else config)[name]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == _INT and not (number and float(value).is_integer()):
+      raise ConfigError(f"{field}={value!r} must be an integer")
+    if not number or value < low or (open_low and value == low) or (high is not None and value > high):
+      accepted = (f"> {low}" if open_low else f">= {low}") + (f" and <= {high}" if high is not None else "")
+      raise ConfigError(f"{field}={value!r} is not accepted; it must be a number {accepted}")
+  for name in ("adam_b1", "adam_b2", "label_smoothing"):
+    if config.train[name] >= 1.0:
+      raise ConfigError(f"train.{name}={config.train[name]!r} must be below 1")
+  check_choice("train.schedule", config.train.schedule, SCHEDULES)
+  check_choice("data.tokenizer", config.data.tokenizer, TOKENIZERS)
+  check_choice("data.dataset", config.data.dataset, DATASETS)
+  if model.vocab_size < 2 * RESERVED_IDS:
+    raise ConfigError(
+        f"model.vocab_size={model.vocab_size} is too small: {RESERVED_IDS} ids are reserved (PAD, "
+        f"EOS, BOS, UNK) and SentencePiece needs room for the text's characters; use at least "
+        f"{2 * RESERVED_IDS}, typically thousands")
+  if config.data.max_len > model.max_len and model.positional_encoding == "learned":
+    raise ConfigError(f"data.max_len={config.data.max_len} exceeds model.max_len={model.max_len}, "
+                      "the number of learned positions")
+  if config.data.tokens_per_batch < config.data.max_len:
+    raise ConfigError(
+        f"data.tokens_per_batch={config.data.tokens_per_batch} is smaller than data.max_len="
+        f"{config.data.max_len}: the longest examples would not fit in a batch")
+  for axis in ("data", "fsdp", "tensor"):
+    size = config.mesh[axis]
+    if not isinstance(size, int) or isinstance(size, bool) or (size < 1 and size != -1):
+      raise ConfigError(f"mesh.{axis}={size!r} must be a positive integer or -1 (the rest)")
+  return model

@@ -23,6 +23,8 @@ from jax.experimental import multihost_utils
 
 from transformer_jax import checkpoints, decode, sharding
 from transformer_jax.data import pipeline
+from transformer_jax.errors import (CheckpointError, DataError, MissingFileError, UserError, report,
+                                    show_tracebacks)
 from transformer_jax.steps import Setup, make_setup
 from transformer_jax.tokenizer import Tokenizer
 
@@ -70,7 +72,7 @@ def translate_corpus(model, params: Any, mesh: jax.sharding.Mesh, corpus: pipeli
 # ----------------------------------------------------------------------------- a trained run
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
   """A workdir that cannot be used for translation: missing, empty or inconsistent."""
 
 
@@ -109,7 +111,10 @@ def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) ->
 
   Raises:
     RunError: if the workdir does not exist, has no checkpoint or tokenizer, or they disagree.
+    CheckpointError: naming the checkpoint, if one that is needed does not restore.
   """
+  if isinstance(average_last, bool) or not isinstance(average_last, int) or average_last < 1:
+    raise RunError(f"average_last={average_last!r}: average at least 1 checkpoint (1: the last alone)")
   workdir = os.path.abspath(workdir)
   if not os.path.isdir(workdir):
     raise RunError(f"workdir {workdir} does not exist; train a model first "
@@ -122,10 +127,11 @@ def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) ->
     raise RunError(f"workdir {workdir} has no {missing}; is it a training run's workdir?")
   if step is not None and step not in steps:
     raise RunError(f"workdir {workdir} has no checkpoint at step {step}; it has {steps}")
+  used = [step] if step is not None else steps[-average_last:]
   manager = checkpoints.make_manager(workdir, ml_collections.ConfigDict(
       {"checkpoints_to_keep": len(steps), "checkpoints_to_average": 1}))
   try:
-    config = checkpoints.restore_config(manager, steps[-1] if step is None else step)
+    config = _explain(checkpoints.restore_config, steps)(manager, used[-1])
     for axis, size in (("data", -1), ("fsdp", 1), ("tensor", 1)):
       config.mesh[axis] = size  # Translate on whatever devices are here.
     tokenizer = Tokenizer.load(tokenizer_path)
@@ -133,46 +139,108 @@ def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) ->
       raise RunError(f"the tokenizer in {workdir} has {tokenizer.vocab_size} pieces but the "
                      f"checkpoint's model has vocab_size={config.model.vocab_size}")
     setup = make_setup(config)
-    try:
-      if step is not None:
-        params, used = checkpoints.restore(manager, setup, step)[0].params, [step]
-      else:
-        used = steps[-average_last:]
-        params = checkpoints.average(manager, setup, average_last)
-    except (ValueError, KeyError) as e:
-      raise RunError(f"the checkpoint in {workdir} does not match its own config: {e}") from e
+    params = _explain(checkpoints.average, steps)(manager, setup, steps=used)
   finally:
     manager.close()
   return Run(config, setup, params, tokenizer, used)
 
 
+def _explain(restore, steps: list[int]):
+  """`restore`, whose CheckpointError also lists the run's checkpoints and how to pick another."""
+  def wrapped(*args, **kwargs):
+    try:
+      return restore(*args, **kwargs)
+    except CheckpointError as e:
+      raise CheckpointError(f"{e}. The run has checkpoints {steps}: pass --step with another one "
+                            "(and --average_last 1), or move the damaged one away") from e
+  return wrapped
+
+
 # ----------------------------------------------------------------------------- the commands
 
 
-def _read_lines(path: str) -> list[str]:
-  with open(path, encoding="utf-8") as f:
-    return [line.rstrip("\n") for line in f]
+def read_lines(path: str) -> list[str]:
+  """The lines of a UTF-8 text file ('-': standard input), without their line breaks.
+
+  Raises:
+    DataError: naming the file, line and byte, for bytes that are not UTF-8.
+    MissingFileError: if there is no such file.
+  """
+  name = "standard input" if path == "-" else path
+  if path != "-" and not os.path.isfile(path):
+    raise MissingFileError(f"{path} is not a file")
+  if path == "-" and not hasattr(sys.stdin, "buffer"):  # Already text (a notebook, a test).
+    return [line.rstrip("\n") for line in sys.stdin]
+  stream = sys.stdin.buffer if path == "-" else open(path, "rb")
+  try:
+    raw = [line.rstrip(b"\n").rstrip(b"\r") for line in stream]
+  finally:
+    if path != "-":
+      stream.close()
+  lines = []
+  for n, line in enumerate(raw, 1):
+    try:
+      lines.append(line.decode("utf-8-sig" if n == 1 else "utf-8"))
+    except UnicodeDecodeError as e:
+      raise DataError(f"{name}, line {n}: invalid UTF-8 at byte {e.start} of the line "
+                      f"({line[e.start:e.start + 4]!r}); save the file as UTF-8") from None
+  return lines
+
+
+def _check_arguments(sentences: Sequence[str]) -> list[str]:
+  """Command-line sentences, refused (naming which) if they held bytes that are not UTF-8."""
+  for n, sentence in enumerate(sentences, 1):
+    try:
+      sentence.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise DataError(f"sentence argument {n}: invalid UTF-8 at character {e.start + 1}") from None
+  return list(sentences)
+
+
+def _positive(value: str) -> int:
+  """argparse type: an integer >= 1."""
+  number = int(value)
+  if number < 1:
+    raise argparse.ArgumentTypeError(f"{value} is not a positive integer (1 means the last alone)")
+  return number
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--workdir", required=True, help="the training run's directory")
+  parser.add_argument("--average_last", type=_positive, default=1,
+                      help="average the last N checkpoints (the paper: 5 for base, 20 for big)")
+  parser.add_argument("--step", type=int, help="use this checkpoint instead of the last")
+  parser.add_argument("--beam_size", type=_positive, help="default: the run's decode.beam_size")
+  parser.add_argument("--alpha", type=float, help="length penalty; default: the run's")
+
+
+def _run_command(program: str, body) -> int:
+  """Runs a command's body; a user error is printed without a traceback (TRANSFORMER_JAX_TRACEBACK=1
+  shows it) and gives its exit status."""
+  try:
+    return body()
+  except UserError as e:
+    if show_tracebacks():
+      raise
+    return report(e, program)
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
   """`transformer-evaluate`: translate a split or a file with a run and score it with sacreBLEU."""
   parser = argparse.ArgumentParser(prog="transformer-evaluate", description=evaluate_main.__doc__)
-  parser.add_argument("--workdir", required=True, help="the training run's directory")
+  _common_arguments(parser)
   parser.add_argument("--split", default="test", help="a split of the run's dataset (default: test)")
   parser.add_argument("--source_file", help="translate this file (one sentence a line) instead")
   parser.add_argument("--reference_file", help="references for --source_file, line by line")
-  parser.add_argument("--average_last", type=int, default=1,
-                      help="average the last N checkpoints (the paper: 5 for base, 20 for big)")
-  parser.add_argument("--beam_size", type=int, help="default: the run's decode.beam_size")
-  parser.add_argument("--alpha", type=float, help="length penalty; default: the run's")
   parser.add_argument("--output_dir", help="where to write hypotheses and scores (default: workdir)")
   args = parser.parse_args(argv)
-  try:
-    run = load_run(args.workdir, average_last=args.average_last)
+  if args.source_file and not args.reference_file:
+    parser.error("--source_file needs --reference_file")
+
+  def body() -> int:
+    run = load_run(args.workdir, average_last=args.average_last, step=args.step)
     if args.source_file:
-      if not args.reference_file:
-        parser.error("--source_file needs --reference_file")
-      sources, references = _read_lines(args.source_file), _read_lines(args.reference_file)
+      sources, references = read_lines(args.source_file), read_lines(args.reference_file)
       if len(sources) != len(references):
         raise RunError(f"{args.source_file} has {len(sources)} lines but {args.reference_file} "
                        f"has {len(references)}")
@@ -183,52 +251,45 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
       sources = [split.examples[i][split.source_lang].decode() for i in range(len(split.examples))]
       references = [split.examples[i][split.target_lang].decode() for i in range(len(split.examples))]
       name = args.split
-  except (RunError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  hypotheses = run.translate(sources, beam_size=args.beam_size, alpha=args.alpha)
-  scores = score(hypotheses, references)
-  scores.update(sentences=len(sources), checkpoints=run.steps,
-                beam_size=args.beam_size or run.config.decode.beam_size)
-  output_dir = os.path.abspath(args.output_dir or args.workdir)
-  os.makedirs(output_dir, exist_ok=True)
-  with open(os.path.join(output_dir, f"{name}.hypotheses.txt"), "w", encoding="utf-8") as f:
-    f.writelines(h + "\n" for h in hypotheses)
-  with open(os.path.join(output_dir, f"{name}.scores.json"), "w") as f:
-    json.dump(scores, f, indent=2)
-  print(f"{name}: sacreBLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  "
-        f"({len(sources)} sentences, checkpoints {run.steps})\n{scores['bleu_signature']}\n"
-        f"{scores['chrf_signature']}\nwritten to {output_dir}")
-  return 0
+    hypotheses = run.translate(sources, beam_size=args.beam_size, alpha=args.alpha)
+    scores = score(hypotheses, references)
+    scores.update(sentences=len(sources), checkpoints=run.steps,
+                  beam_size=args.beam_size or run.config.decode.beam_size)
+    output_dir = os.path.abspath(args.output_dir or args.workdir)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, f"{name}.hypotheses.txt"), "w", encoding="utf-8") as f:
+      f.writelines(h + "\n" for h in hypotheses)
+    with open(os.path.join(output_dir, f"{name}.scores.json"), "w") as f:
+      json.dump(scores, f, indent=2)
+    print(f"{name}: sacreBLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  "
+          f"({len(sources)} sentences, checkpoints {run.steps})\n{scores['bleu_signature']}\n"
+          f"{scores['chrf_signature']}\nwritten to {output_dir}")
+    return 0
+
+  return _run_command(parser.prog, body)
 
 
 def translate_main(argv: Sequence[str] | None = None) -> int:
   """`translate`: translate sentences (arguments, --input file, or standard input) with a run."""
   parser = argparse.ArgumentParser(prog="translate", description=translate_main.__doc__)
   parser.add_argument("sentences", nargs="*", help="sentences to translate")
-  parser.add_argument("--workdir", required=True, help="the training run's directory")
+  _common_arguments(parser)
   parser.add_argument("--input", help="a file with one sentence a line ('-' for standard input)")
-  parser.add_argument("--average_last", type=int, default=1, help="average the last N checkpoints")
-  parser.add_argument("--beam_size", type=int, help="default: the run's decode.beam_size")
-  parser.add_argument("--alpha", type=float, help="length penalty; default: the run's")
   args = parser.parse_args(argv)
   if args.sentences and args.input:
     parser.error("give sentences as arguments or with --input, not both")
-  try:
-    run = load_run(args.workdir, average_last=args.average_last)
-  except RunError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if args.sentences:
-    sentences = list(args.sentences)
-  elif args.input and args.input != "-":
-    sentences = _read_lines(args.input)
-  else:
-    sentences = [line.rstrip("\n") for line in sys.stdin]
-  if sentences:
-    for line in run.translate(sentences, beam_size=args.beam_size, alpha=args.alpha):
-      print(line)
-  return 0
+
+  def body() -> int:
+    # The input is read (and checked) before the model is loaded: a bad file fails at once.
+    sentences = (_check_arguments(args.sentences) if args.sentences
+                 else read_lines(args.input or "-"))
+    run = load_run(args.workdir, average_last=args.average_last, step=args.step)
+    if sentences:
+      for line in run.translate(sentences, beam_size=args.beam_size, alpha=args.alpha):
+        print(line)
+    return 0
+
+  return _run_command(parser.prog, body)
 
 
 def translate_main_entry() -> None:

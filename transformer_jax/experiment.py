@@ -21,7 +21,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from transformer_jax import evaluate, sharding, trainer
+from transformer_jax.config import validate_run_config
 from transformer_jax.data import pipeline, sources
+from transformer_jax.errors import DataError
 from transformer_jax.steps import Setup, evaluate_loss, make_setup
 from transformer_jax.tokenizer import Tokenizer, load_or_train_tokenizer
 
@@ -70,6 +72,11 @@ def load_split(config: ml_collections.ConfigDict, workdir: str, name: str, token
   indices, dropped = pipeline.keep_indices(corpus, config.data.max_len)
   log.info("%s: %d examples, %d longer than %d tokens dropped.", name, len(indices), dropped,
                config.data.max_len)
+  if not len(indices):
+    raise DataError(
+        f"{name} split of {raw.name}: none of its {len(raw.examples)} examples fits "
+        f"data.max_len={config.data.max_len} ({dropped} have a side longer than that in tokens, "
+        "EOS included; the others are empty). Raise data.max_len or check the data.")
   return Split(name, raw, corpus, indices)
 
 
@@ -98,8 +105,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   test split (loss, perplexity, sacreBLEU, chrF) and print a few translations.
 
   Returns:
-    The test metrics.
+    The test metrics; after SIGTERM (preemption), only {"preempted": True, "step": step}: the
+    checkpoint is saved, and the test runs when the same command, run again, finishes training.
+
+  Raises:
+    ConfigError, DataError, CheckpointError: before any work, naming the field, file or
+      checkpoint (`errors.UserError`).
+    NonFiniteError: if training diverged.
   """
+  validate_run_config(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   setup = make_setup(config)
@@ -124,7 +138,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.info("step %d validation: %s", step, _fmt(metrics))
     return metrics
 
-  state = trainer.train(config, workdir, setup, batches, evaluate_validation)
+  stop = trainer.StopRequests(60.0 * config.train.time_budget_minutes)
+  try:
+    state = trainer.train(config, workdir, setup, batches, evaluate_validation, stop=stop)
+  finally:
+    stop.close()
+  step = int(jax.device_get(state.step))
+  if stop.reason == "sigterm":
+    log.warning("Preempted at step %d: the checkpoint is saved, and running the same command again "
+                "resumes; the test set is evaluated once training has finished.", step)
+    return {"preempted": True, "step": step}
 
   test = load_split(config, workdir, "test", tokenizer)
   metrics = evaluate_loss(setup, state.params, eval_batches(config, setup, test))
@@ -132,7 +155,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.train.test_sentences:
     test.indices = test.indices[:config.train.test_sentences]
   scores, hypotheses = translation_metrics(setup, state.params, config, test, tokenizer)
-  metrics.update(scores, decode_seconds=time.perf_counter() - start, step=int(jax.device_get(state.step)))
+  metrics.update(scores, decode_seconds=time.perf_counter() - start, step=step)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "test_hypotheses.txt"), "w") as f:
       f.writelines(h + "\n" for h in hypotheses)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import sentencepiece as spm
 
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from transformer_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,16 @@ def train_tokenizer(sentences: Iterable[str | bytes], vocab_size: int, *, model_
   text = (s for s in text if s.strip())
   model = io.BytesIO()
   spm.set_random_generator_seed(seed)
+  try:
+    _train(text, model, vocab_size, model_type, max_sentences)
+  except RuntimeError as e:  # SentencePiece's own checks, e.g. a vocabulary too small or too large.
+    raise ConfigError(f"SentencePiece cannot train a {vocab_size}-piece {model_type} vocabulary "
+                      f"on this text (model.vocab_size): {str(e).strip().splitlines()[-1]}") from e
+  return Tokenizer(model.getvalue())
+
+
+def _train(text: Iterable[str], model: io.BytesIO, vocab_size: int, model_type: str,
+           max_sentences: int) -> None:
   spm.SentencePieceTrainer.train(
       sentence_iterator=itertools.islice(text, max_sentences),
       model_writer=model,
@@ -109,7 +120,6 @@ def train_tokenizer(sentences: Iterable[str | bytes], vocab_size: int, *, model_
       num_threads=os.cpu_count() or 1,
       minloglevel=2,
   )
-  return Tokenizer(model.getvalue())
 
 
 def load_or_train_tokenizer(path: str | os.PathLike, sentences: Iterable[str | bytes],
@@ -122,7 +132,7 @@ def load_or_train_tokenizer(path: str | os.PathLike, sentences: Iterable[str | b
   if os.path.exists(path):
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size != vocab_size:
-      raise ValueError(
+      raise ConfigError(
           f"the tokenizer at {path} has {tokenizer.vocab_size} pieces but model.vocab_size="
           f"{vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size} or use a new workdir")
     log.info("Loaded the tokenizer from %s (%d pieces).", path, tokenizer.vocab_size)

@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from transformer_jax import checkpoints
+from transformer_jax.errors import NonFiniteError
 from transformer_jax.data import pipeline
 from transformer_jax.flops import peak_flops_per_device, train_step_flops
 from transformer_jax.steps import Setup, TrainState, root_keys
@@ -32,11 +33,15 @@ log = logging.getLogger(__name__)
 
 
 class StopRequests:
-  """SIGTERM (preemption) and the time budget, agreed on by every process at the same step."""
+  """SIGTERM (preemption) and the time budget, agreed on by every process at the same step.
+
+  `reason` is what stopped training ("sigterm" or "time"), once `check` has said so.
+  """
 
   def __init__(self, time_budget_s: float):
     self.deadline = time.monotonic() + time_budget_s if time_budget_s > 0 else math.inf
     self.sigterm = False
+    self.reason: str | None = None
     self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame):
@@ -49,20 +54,18 @@ class StopRequests:
     local = np.array([self.sigterm, time.monotonic() >= self.deadline])
     if jax.process_count() > 1:
       local = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).any(axis=0)
-    return "sigterm" if local[0] else "time" if local[1] else None
+    self.reason = "sigterm" if local[0] else "time" if local[1] else None
+    return self.reason
 
   def close(self):
     signal.signal(signal.SIGTERM, self._previous)
 
 
-class NonFiniteLossError(FloatingPointError):
-  pass
-
-
-def check_finite(history: list[dict], last_saved: int | None) -> None:
+def check_finite_losses(history: list[dict], last_saved: int | None) -> None:
+  """Raises NonFiniteError at the first NaN or Inf loss of `history`."""
   for metrics in history:
     if not np.isfinite(metrics["loss"]):
-      raise NonFiniteLossError(
+      raise NonFiniteError(
           f"the training loss became {metrics['loss']} at step {metrics['step']}; stopping. The last "
           f"good checkpoint (step {last_saved}) is kept. Lower the learning rate, enable "
           "--config.train.grad_clip_norm, or check the data.")
@@ -103,7 +106,8 @@ def _progress(total: int, initial: int):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches,
-          evaluate: Callable[[Any, int], dict] | None = None) -> TrainState:
+          evaluate: Callable[[Any, int], dict] | None = None,
+          stop: StopRequests | None = None) -> TrainState:
   """Runs (or resumes) training until `config.train.num_steps`, the time budget, or SIGTERM.
 
   Args:
@@ -111,8 +115,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
     workdir: the run directory; checkpoints go to `workdir/checkpoints`.
     setup: from `steps.make_setup(config)`.
     batches: a `data.pipeline.EpochBatches` (random access to this process's rows of each batch).
-    evaluate: called as `evaluate(params, step)` every `train.eval_every` steps and at the end;
-      returns metrics to log under "validation".
+    evaluate: called as `evaluate(params, step)` every `train.eval_every` steps and at the end
+      (not after SIGTERM); returns metrics to log under "validation".
+    stop: the stop requests to honour, whose `reason` then says why training stopped; by
+      default SIGTERM and `train.time_budget_minutes`, counted from this call.
+
+  Raises:
+    NonFiniteError: if a loss or the state became NaN or Inf; nothing non-finite is saved.
+    CheckpointError: if the run has checkpoints and none of them restores.
 
   Returns:
     The final train state (also saved as the last checkpoint).
@@ -120,9 +130,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
   train_cfg = config.train
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  manager = checkpoints.make_manager(workdir, train_cfg)
+  manager, restored = checkpoints.restore_for_training(workdir, train_cfg, setup)
   iterator = iter(pipeline.make_dataset(batches, num_workers=config.data.num_workers))
-  restored = checkpoints.restore(manager, setup)
   if restored is None:
     state = setup.init_state(config.seed)
   else:
@@ -131,7 +140,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
     log.info("Resumed from step %d in %s.", int(state.step), manager.directory)
   dropout_key = root_keys(config.seed)[1]
   writer = MetricWriter(workdir)
-  stop = StopRequests(60.0 * train_cfg.time_budget_minutes)
+  own_stop = stop is None
+  stop = StopRequests(60.0 * train_cfg.time_budget_minutes) if own_stop else stop
   peak = peak_flops_per_device(setup.model_config.dtype, config.train.peak_flops)
 
   step = int(jax.device_get(state.step))
@@ -149,7 +159,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
     fetched = jax.device_get(pending)
     history = [{"step": step - len(fetched) + i + 1, "loss": float(m["loss"]) / max(float(m["tokens"]), 1.0)}
                for i, m in enumerate(fetched)]
-    check_finite(history, last_saved)
+    check_finite_losses(history, last_saved)
     elapsed = time.perf_counter() - window_start
     tokens = sum(float(m["tokens"]) for m in fetched)
     summary = {
@@ -175,8 +185,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
 
   def save() -> None:
     nonlocal last_saved
-    flush_metrics()  # Never checkpoint a state whose loss has gone non-finite.
+    flush_metrics()  # Never checkpoint a state whose loss has gone non-finite,
     if last_saved != step:
+      checkpoints.check_finite(state, last_saved)  # nor non-finite parameters.
       checkpoints.save(manager, state, iterator.get_state(), config)
       last_saved = step
 
@@ -215,6 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
     progress.close()
     manager.wait_until_finished()
     manager.close()
-    stop.close()
+    if own_stop:
+      stop.close()
     writer.close()
   return state

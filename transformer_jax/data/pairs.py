@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from transformer_jax.errors import ConfigError
+
 
 def directions(pairs: Mapping[str, tuple[str, str]]) -> list[str]:
   """Every accepted (source, target) direction of `pairs` (config name -> its two languages), as
@@ -16,11 +18,11 @@ def config_for(dataset: str, pairs: Mapping[str, tuple[str, str]], source_lang: 
   """The config of `pairs` that holds the two languages, in either direction.
 
   Raises:
-    ValueError: naming the fields and the accepted directions, if no config holds the pair.
+    ConfigError: naming the fields and the accepted directions, if no config holds the pair.
   """
   for name, languages in pairs.items():
     if {source_lang, target_lang} == set(languages) and source_lang != target_lang:
       return name
-  raise ValueError(
+  raise ConfigError(
       f"data.source_lang={source_lang!r}, data.target_lang={target_lang!r} is not a language pair "
       f"of data.dataset={dataset!r}; accepted (source-target): {', '.join(directions(pairs))}")

@@ -30,6 +30,7 @@ import grain
 import numpy as np
 
 from transformer_jax.constants import PAD_ID
+from transformer_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
 
@@ -266,7 +267,13 @@ class EpochBatches:
         epoch = len(self._epoch_starts) - 1
         if self.num_epochs is not None and epoch >= self.num_epochs:
           raise IndexError(k)
-        self._epoch_starts.append(self._epoch_starts[-1] + len(self.plan(epoch)))
+        batches = len(self.plan(epoch))
+        if not batches:  # Without this, an endless run would look for its next batch forever.
+          raise DataError(
+              f"no batch can be made from {len(self.indices)} examples with max_len="
+              f"{self.max_len} and tokens_per_batch={self.tokens_per_batch}: check that some "
+              "examples fit data.max_len")
+        self._epoch_starts.append(self._epoch_starts[-1] + batches)
       epoch = int(np.searchsorted(self._epoch_starts, k, side="right")) - 1
       return epoch, k - self._epoch_starts[epoch]
 

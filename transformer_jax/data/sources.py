@@ -18,12 +18,11 @@ from typing import Protocol
 import ml_collections
 import tensorflow_datasets as tfds
 
-from transformer_jax.config import check_choice
+from transformer_jax.config import DATASETS, check_choice
 from transformer_jax.data import bible, text, wmt
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("bible", "wmt14", "text")
 SPLITS = ("train", "validation", "test")
 
 

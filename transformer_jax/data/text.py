@@ -7,9 +7,11 @@ Each split comes from one of:
 The config fields are `data.text_train`, `data.text_validation` and `data.text_test`.
 
 Every line must hold exactly two non-empty sides in valid UTF-8 (surrounding whitespace is
-stripped, a trailing "\r" too, and a byte-order mark at the start of a file). A line that does not raises `BadLineError`, naming the file and
-the 1-based line number: a wrong number of columns, two files of different lengths, invalid
-UTF-8, an empty side. With `skip_bad_lines=True` such lines are skipped instead and counted by
+stripped, a trailing "\r" too, and a UTF-8 byte-order mark at the start of a file). A line that
+does not raises `BadLineError`, naming the file and the 1-based line number: a wrong number of
+columns, two files of different lengths, invalid UTF-8, a NUL byte (binary or UTF-16 data), an
+empty side. A file that starts with a UTF-16 byte-order mark (what spreadsheets save as "Unicode
+Text") is refused whole with a message to save it as UTF-8, and so is a split with no usable line. With `skip_bad_lines=True` such lines are skipped instead and counted by
 reason; the counts are logged and stored in `builder.info.metadata["skipped_lines"]`.
 
 Each split is its own tfds config, named "<source>-<target>-<split>-<fingerprint>". The
@@ -33,15 +35,18 @@ from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
+from transformer_jax.errors import ConfigError, DataError, MissingFileError
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 # Codes become feature names, so they are kept to simple identifiers ("en", "de", "pt_br").
 _LANG_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-SKIP_REASONS = ("columns", "unpaired", "utf8", "empty")
+SKIP_REASONS = ("columns", "unpaired", "utf8", "nul", "empty")
+_UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 
 
-class BadLineError(ValueError):
+class BadLineError(DataError):
   """A malformed input line; the message names the file and its 1-based line number.
 
   Attributes:
@@ -64,11 +69,11 @@ def parse_spec(spec: str) -> tuple[str, ...]:
   """
   parts = tuple(p.strip() for p in spec.split(","))
   if not spec.strip() or len(parts) > 2 or not all(parts):
-    raise ValueError(
+    raise ConfigError(
         f"{spec!r} is not a tab-separated file or 'SOURCE_FILE,TARGET_FILE'")
   for path in parts:
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"{path} (from {spec!r}) is not a file")
+      raise MissingFileError(f"{path} (from {spec!r}) is not a file")
   return tuple(os.path.abspath(p) for p in parts)
 
 
@@ -89,6 +94,12 @@ def fingerprint(files: Sequence[str], **options) -> str:
 
 def _lines(path: str) -> Iterator[bytes]:
   with open(path, "rb") as f:
+    if f.read(2) in _UTF16_BOMS:
+      raise DataError(
+          f"{path} is UTF-16 text (it starts with a UTF-16 byte-order mark), as spreadsheets save "
+          "'Unicode Text'; save it as UTF-8 (for example 'CSV UTF-8' or 'Tab-delimited UTF-8') "
+          "and run again")
+    f.seek(0)
     for line in f:
       yield line.rstrip(b"\n").rstrip(b"\r")
 
@@ -144,6 +155,11 @@ def _check_row(files: Sequence[str], n: int, row: list[tuple[str, bytes | None]]
         f"{longer}, line {n}: no matching line in {short}, which has only {n - 1} lines "
         "(the two files must have the same number of lines)", "unpaired")
   texts = [(path, _decode(raw, path, n)) for path, raw in row]
+  for path, text in texts:
+    if "\x00" in text:
+      raise BadLineError(
+          f"{path}, line {n}: a NUL byte at character {text.index(chr(0)) + 1}; the file holds "
+          "binary or UTF-16 data, not UTF-8 text", "nul")
   if len(files) == 1:
     path, text = texts[0]
     columns = text.split("\t")
@@ -173,8 +189,9 @@ class TextConfig(tfds.core.BuilderConfig):
 class ParallelText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """A user's parallel text; build it with `make_builder`, one config per split."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "One config per split, named by a fingerprint of the inputs."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "One config per split, named by a fingerprint of the inputs.",
+                   "1.1.0": "Lines with NUL bytes are bad lines; UTF-16 files are refused."}
 
   # Nothing is downloaded through tfds, so there are no checksums. Overriding this also keeps
   # tfds from looking up the module's path, which needs `importlib_resources` on this setup.
@@ -200,11 +217,17 @@ class ParallelText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _generate_examples(self):
     config = self.builder_config
     skipped = collections.Counter()
+    yielded = 0
     for n, source, target in read_pairs(config.files, skip_bad_lines=config.skip_bad_lines,
                                         skipped=skipped):
+      yielded += 1
       yield n, {config.source_lang: source, config.target_lang: target}
     counts = {reason: skipped[reason] for reason in SKIP_REASONS}
     counts["total"] = sum(skipped.values())
+    if not yielded:
+      what = (f"all {counts['total']} lines were skipped as bad ({counts})" if counts["total"]
+              else "it is empty")
+      raise DataError(f"{', '.join(config.files)} ({config.split} split): no sentence pairs, {what}")
     if counts["total"]:
       log.warning("%s: skipped %d bad lines (%s).", ", ".join(config.files), counts["total"],
                       counts)
@@ -227,15 +250,15 @@ def make_config(split: str, spec: str, source_lang: str, target_lang: str,
     A TextConfig.
   """
   if split not in SPLITS:
-    raise ValueError(f"split={split!r} is not one of {', '.join(map(repr, SPLITS))}")
+    raise ConfigError(f"split={split!r} is not one of {', '.join(map(repr, SPLITS))}")
   for field, code in (("source_lang", source_lang), ("target_lang", target_lang)):
     if not _LANG_CODE.match(code or ""):
-      raise ValueError(f"{field}={code!r} must be a language code such as 'en' (letters, digits, "
+      raise ConfigError(f"{field}={code!r} must be a language code such as 'en' (letters, digits, "
                        "underscores)")
   if source_lang == target_lang:
-    raise ValueError(f"source_lang and target_lang are both {source_lang!r}; they must differ")
+    raise ConfigError(f"source_lang and target_lang are both {source_lang!r}; they must differ")
   if not spec:
-    raise ValueError(f"text_{split} is empty; set it to a tab-separated file or "
+    raise ConfigError(f"data.text_{split} is empty; set it to a tab-separated file or "
                      "'SOURCE_FILE,TARGET_FILE'")
   files = parse_spec(spec)
   digest = fingerprint(files, split=split, langs=[source_lang, target_lang],

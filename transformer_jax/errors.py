@@ -1,0 +1,52 @@
+"""Errors that are the user's to fix: a bad config value, a malformed input file, a damaged or
+missing checkpoint. Their messages name the field, file and line, or checkpoint, and say what
+would be accepted; the command-line programs print them without a traceback (`report`) and exit
+with `exit_code`, keeping tracebacks for real bugs.
+
+Each class also derives from the built-in exception a caller would expect (ValueError,
+FileNotFoundError), so `except ValueError` keeps working.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+class UserError(Exception):
+  """Something the user can fix; the message says what and where."""
+
+  exit_code = 2  # As for a usage error; 1 is left for failures of the run itself.
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that is not accepted; the message names the field and what is."""
+
+
+class DataError(UserError, ValueError):
+  """Input data that cannot be used: the message names the file (and line) or the split."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or directory the user named does not exist."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A checkpoint that cannot be used: missing, damaged, or holding non-finite values."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+  """Training diverged (a NaN or Inf loss or parameter); nothing non-finite was saved."""
+
+  exit_code = 1
+
+
+def show_tracebacks() -> bool:
+  """TRANSFORMER_JAX_TRACEBACK=1 shows the traceback of user errors too."""
+  return os.environ.get("TRANSFORMER_JAX_TRACEBACK", "0") not in ("", "0")
+
+
+def report(error: UserError, program: str) -> int:
+  """Prints `program: error: message` to standard error; returns the exit status to use."""
+  print(f"{program}: error: {error}", file=sys.stderr)
+  return error.exit_code
