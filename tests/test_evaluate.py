@@ -2,6 +2,7 @@
 
 import io
 import json
+import pathlib
 import sys
 
 import jax
@@ -85,3 +86,75 @@ def test_evaluate_command_scores_files_with_averaged_checkpoints(run_dir, tmp_pa
   hypotheses = (tmp_path / "out" / "src.txt.hypotheses.txt").read_text().splitlines()
   assert scores["checkpoints"] == [1, 2] and len(hypotheses) == 2
   assert scores["bleu"] == sacrebleu.corpus_bleu(hypotheses, [["die rote Katze", "der alte Hund ging"]]).score
+
+
+class CompileCounter:
+  """Counts XLA compilations (jax's backend-compile events) inside a `with` block."""
+
+  def __enter__(self):
+    self.count = 0
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def _listen(self, event, duration, **kwargs):
+    del duration, kwargs
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
+def test_decoding_compiles_once_per_shape_for_the_whole_run(run_dir):
+  run = evaluate.load_run(str(run_dir))
+  sentences = ["the red cat went to the market", "the old dog", "the big dog went to the house"]
+  for beam_size in (1, 2):  # Greedy, as validation decodes, and beam search, as the test does.
+    with CompileCounter() as first:
+      expected = run.translate(sentences, beam_size=beam_size)
+    for _ in range(2):  # Two more passes over the same shapes, as later validations make.
+      with CompileCounter() as again:
+        assert run.translate(sentences, beam_size=beam_size) == expected
+      assert again.count == 0, f"beam {beam_size}: {again.count} compilations on a repeated pass"
+    assert first.count >= 1
+
+
+def test_decoding_across_processes_and_meshes_gives_the_same_translations(tmp_path):
+  """A tiny run trained 300 steps (its outputs vary from sentence to sentence, and beam search
+  differs from greedy on most), translated greedily and with beam 4 by 2 processes x 2 devices,
+  by 1 process x 4 devices, by 8 devices with the parameters sharded (fsdp=8) and by 1 device."""
+  import socket
+  import subprocess
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  script = str(root / "tests" / "tiny_run.py")
+
+  def run(out, devices=1, *extra, process_id=None, port=None):
+    cmd = [sys.executable, script, "--workdir", str(tmp_path / "run"), "--steps", "300", "--checkpoint_every", "300", "--learn",
+           "--devices", str(devices), *extra]
+    if out:
+      cmd += ["--translate", str(tmp_path / out)]
+    if port is not None:
+      cmd += ["--coordinator", f"127.0.0.1:{port}", "--num_processes", "2", "--process_id", str(process_id)]
+    return subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  def finish(*procs):
+    try:
+      outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+      for p in procs:
+        p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+
+  finish(run(""))  # Train; the runs below restore the checkpoint and translate.
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  finish(*(run("multi.json", 2, process_id=i, port=port) for i in range(2)))
+  finish(run("four.json", 4))
+  finish(run("fsdp.json", 8, "--fsdp", "8"))
+  finish(run("one.json", 1))
+  one = json.loads((tmp_path / "one.json").read_text())
+  assert len(one["1"]) == len(one["4"]) == 64
+  assert len(set(one["4"])) > 32 and one["1"] != one["4"]  # Varied, and beam search is no greedy.
+  for name in ("multi.json", "four.json", "fsdp.json"):
+    assert json.loads((tmp_path / name).read_text()) == one, name

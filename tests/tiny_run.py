@@ -1,8 +1,12 @@
 """A tiny training run on made-up data, as a script, for the tests that need fresh processes
 (resume, multi-process, kill -9, SIGTERM, restoring onto other device counts).
 
-python tests/tiny_run.py --workdir DIR --steps N [--devices D] [--mesh_data D]
+python tests/tiny_run.py --workdir DIR --steps N [--devices D] [--fsdp F]
     [--process_id I --num_processes P --coordinator 127.0.0.1:PORT] [--dump FILE.npz]
+    [--translate FILE.json]
+
+--translate, after training (or restoring a run already at N steps), translates 64 sources of the
+made-up corpus greedily and with beam 4 and writes the outputs (token ids) from process 0.
 """
 
 import argparse
@@ -21,6 +25,10 @@ def parse():
   parser.add_argument("--coordinator", default="")
   parser.add_argument("--dump", default="")
   parser.add_argument("--step_sleep", type=float, default=0.0)
+  parser.add_argument("--fsdp", type=int, default=1, help="mesh.fsdp (the rest is data)")
+  parser.add_argument("--translate", default="")
+  parser.add_argument("--learn", action="store_true",
+                      help="settings under which the tiny model learns quickly (its outputs vary)")
   return parser.parse_args()
 
 
@@ -77,23 +85,22 @@ def main():
   os.environ["JAX_PLATFORMS"] = "cpu"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
-  from transformer_jax import cpu, sharding, steps, trainer
+  from transformer_jax import cpu, steps, trainer
   cpu.keep_cpu_step_memory()  # As train.py does, before JAX starts its backends.
   if args.coordinator:
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)
   import numpy as np
-  from transformer_jax.data import pipeline
 
   config = tiny_run_config(args.steps, args.checkpoint_every)
+  config.mesh.fsdp = args.fsdp
+  if args.learn:
+    config.train.update(dict(label_smoothing=0.0, schedule="constant", learning_rate=2e-3,
+                             warmup_steps=50))
+    config.model.dropout_rate = 0.0
   setup = steps.make_setup(config)
-  corpus = fake_corpus()
-  indices, _ = pipeline.keep_indices(corpus, config.model.max_len)
-  batches = pipeline.EpochBatches(
-      corpus, indices, tokens_per_batch=config.data.tokens_per_batch, max_len=config.model.max_len,
-      packing=config.data.packing, seed=config.seed, shuffle=True, num_epochs=None,
-      multiple_of=max(4, sharding.batch_multiple(setup.mesh)),
-      process_index=jax.process_index(), process_count=jax.process_count())
+  batches = tiny_batches(config, setup, process_index=jax.process_index(),
+                         process_count=jax.process_count())
   if args.step_sleep:  # Slow each step down, so a test can signal the run mid-way.
     step_fn = setup.train_step
     def slow(*a):
@@ -110,7 +117,30 @@ def main():
   elif args.dump and jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.process_allgather(state, tiled=True)
+  if args.translate:
+    translate(args.translate, setup, state.params)
   print("finished at step", int(jax.device_get(state.step)), flush=True)
+
+
+def translate(path: str, setup, params) -> None:
+  import itertools
+  import json
+  import jax
+  import numpy as np
+  from transformer_jax import evaluate
+  from transformer_jax.constants import EOS_ID
+
+  class TokenIds:  # A "tokenizer" whose text is the token ids, up to EOS.
+    @staticmethod
+    def decode(ids):
+      return " ".join(str(int(i)) for i in itertools.takewhile(lambda t: t != EOS_ID, ids))
+
+  outputs = {beam: evaluate.translate_corpus(
+      setup, params, fake_corpus(), np.arange(64), TokenIds(), tokens_per_batch=256, max_len=32,
+      beam_size=beam, alpha=0.6, max_extra_len=8) for beam in (1, 4)}
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(outputs, f)
 
 
 if __name__ == "__main__":

@@ -45,27 +45,28 @@ def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any
   }
 
 
-def translate_corpus(model, params: Any, mesh: jax.sharding.Mesh, corpus: pipeline.TokenizedCorpus,
+def translate_corpus(setup: Setup, params: Any, corpus: pipeline.TokenizedCorpus,
                      indices: np.ndarray, tokenizer, *, tokens_per_batch: int, max_len: int,
                      beam_size: int, alpha: float, max_extra_len: int) -> list[str]:
   """Translates the sources of `corpus[indices]`, batched by length, in the order of `indices`.
 
-  Every process takes part (the batch is sharded over the mesh); every process gets all the
-  translations back.
+  Every process takes part (the batch is sharded over the setup's mesh); every process gets all
+  the translations back. The decoding program is the setup's (`Setup.translate_fn`): compiled once
+  per batch shape for the whole run, not once per call.
   """
   batches = pipeline.EpochBatches.single_pass(corpus, indices, tokens_per_batch=tokens_per_batch,
-                                              max_len=max_len, **sharding.row_split(mesh))
-  translate = decode.make_translate_fn(model, beam_size, alpha, max_extra_len)
+                                              max_len=max_len, **sharding.row_split(setup.mesh))
+  translate = setup.translate_fn(beam_size, alpha, max_extra_len)
+  mesh = setup.mesh
   plan = batches.plan(0)
   output: dict[int, str] = {}
-  with jax.set_mesh(mesh):
-    for k in range(len(plan)):
-      src = sharding.global_batch({"src": batches[k]["src"]}, mesh)["src"]
-      tokens = translate(params, src)
-      tokens = (np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
-                if jax.process_count() > 1 else np.asarray(jax.device_get(tokens)))
-      for row, (i,) in enumerate(plan.rows[k]):
-        output[i] = tokenizer.decode(tokens[row])
+  for k in range(len(plan)):
+    src = sharding.global_batch({"src": batches[k]["src"]}, mesh)["src"]
+    tokens = translate(params, src)
+    tokens = (np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
+              if jax.process_count() > 1 else np.asarray(jax.device_get(tokens)))
+    for row, (i,) in enumerate(plan.rows[k]):
+      output[i] = tokenizer.decode(tokens[row])
   return [output[int(i)] for i in indices]
 
 
@@ -97,7 +98,7 @@ class Run:
     corpus = pipeline.TokenizedCorpus(flat, offsets, flat, offsets)  # Targets unused.
     max_len = max(int(lengths.max(initial=1)), int(self.config.data.max_len))
     return translate_corpus(
-        self.setup.model, self.params, self.setup.mesh, corpus, np.arange(len(sentences)),
+        self.setup, self.params, corpus, np.arange(len(sentences)),
         self.tokenizer, tokens_per_batch=int(self.config.data.tokens_per_batch),
         max_len=max_len,
         beam_size=decode_cfg.beam_size if beam_size is None else beam_size,

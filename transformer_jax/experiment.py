@@ -86,7 +86,7 @@ def translation_metrics(setup: Setup, params: Any, config: ml_collections.Config
   """sacreBLEU and chrF of the model's translations of `split` (or of its `indices`)."""
   indices = split.indices if indices is None else indices
   hypotheses = evaluate.translate_corpus(
-      setup.model, params, setup.mesh, split.corpus, indices, tokenizer,
+      setup, params, split.corpus, indices, tokenizer,
       tokens_per_batch=config.data.tokens_per_batch, max_len=config.data.max_len,
       beam_size=config.decode.beam_size if beam_size is None else beam_size,
       alpha=config.decode.length_penalty, max_extra_len=config.decode.max_extra_len)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax
@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from transformer_jax import sharding
+from transformer_jax import decode, sharding
 from transformer_jax.config import TransformerConfig
 from transformer_jax.losses import compute_metrics
 from transformer_jax.model import Transformer
@@ -62,6 +62,9 @@ class Setup:
       inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)` (as `train_step` does), or
       lower it with `ShapeDtypeStruct`s to compile it ahead of time.
     jit_eval_step: `(params, batch) -> summed metrics`, jitted likewise.
+
+  Decoding functions are built once per setting and kept (`translate_fn`), so that every
+  validation pass and every translated batch of a shape seen before reuses its compiled program.
   """
 
   model_config: TransformerConfig
@@ -72,6 +75,7 @@ class Setup:
   state_shardings: Any
   jit_train_step: Any
   jit_eval_step: Any
+  _translate_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def train_step(self, state: TrainState, batch: Batch, dropout_key: jax.Array
                  ) -> tuple[TrainState, dict]:
@@ -83,6 +87,23 @@ class Setup:
     """Summed loss, nll, correct predictions and tokens of a batch (no dropout)."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self.jit_eval_step(params, batch)
+
+  def translate_fn(self, beam_size: int, alpha: float, max_extra_len: int
+                   ) -> Callable[[Any, jax.Array], jax.Array]:
+    """`decode.translate` jitted for this setup: `(params, src [B, S]) -> tokens [B, S + extra]`,
+    run inside the mesh and the logical axis rules (so the model's sharding constraints hold while
+    decoding too). Built once per (beam_size, alpha, max_extra_len) and reused; XLA compiles it
+    once per source shape."""
+    key = (beam_size, float(alpha), max_extra_len)
+    if key not in self._translate_fns:
+      self._translate_fns[key] = decode.make_translate_fn(self.model, beam_size, alpha, max_extra_len)
+    jitted = self._translate_fns[key]
+
+    def translate(params: Any, src: jax.Array) -> jax.Array:
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        return jitted(params, src)
+
+    return translate
 
   def init_state(self, seed: int) -> TrainState:
     """Fresh parameters (from `root_keys(seed)`'s init key) and optimiser state, created directly
