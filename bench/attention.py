@@ -25,6 +25,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bench.machine import cpu_description  # noqa: E402
 from transformer_jax.attention import MultiHeadAttention, segment_mask  # noqa: E402
 from transformer_jax.config import TransformerConfig  # noqa: E402
 
@@ -106,6 +107,7 @@ def main():
                                                 "temp": steps[impl][2]} for impl in IMPLS}})
     del steps
 
+  print(f"CPU: {cpu_description()}")
   print(f"one attention layer, forward + backward, batch 1, d_model {args.d_model}, "
         f"{args.num_heads} heads, float32, {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"medians of {args.rounds} interleaved rounds\n")

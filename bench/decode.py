@@ -1,18 +1,18 @@
-"""Decoding speed: cached greedy and beam search against decoding without a cache and against
-a PyTorch `nn.Transformer` greedy decoder, same model, same run.
+"""Decoding speed against Hugging Face `transformers`' MarianMTModel.generate on the same weights.
 
-  python bench/decode.py --workdir runs/quickstart [--sentences 64] [--rounds 3] [--no_torch]
+  python bench/decode.py --workdir runs/quickstart [--sentences 32] [--rounds 3] [--beam 4]
   python bench/decode.py            # no workdir: the small config, random weights, fixed lengths
+  python bench/decode.py --no_hf    # ours only (no torch/transformers installed)
 
-Prints sentences/s and generated tokens/s (medians over interleaved rounds) and each variant's
-speed against our cached greedy decoder. With a trained run it translates the first test
-sentences of the run's dataset; without one, a random model that rarely emits EOS decodes every
-sentence to the maximum length (the worst case for all). Our uncached decoder reruns the whole
-decoder over all output positions at every step (static shapes, as JAX needs), including the
-pre-softmax projection. The PyTorch peer (bench/torch_peer.py, loaded with the same parameters)
-runs the decoder over the prefix so far at every step, which is what `nn.Transformer` offers (it
-has no key/value cache), eagerly, and stops when every sentence has ended; the script reports how
-many of its translations equal ours token for token.
+The peer is what a user would serve the same model with: our parameters converted to a
+MarianMTModel (`transformer_jax.marian`, exact up to LayerNorm epsilon) and decoded by its
+`generate` (PyTorch eager, key/value cache, scaled-dot-product attention), greedily and with beam
+search, both with no length penalty (alpha 0) so that the two searches rank hypotheses alike and
+must agree token for token; the script counts the translations that differ. Each is timed on the
+whole batch at once and on one sentence at a time (batch 1), with medians over interleaved rounds.
+Ours pads every sentence to the batch's source length (one compiled program, as `translate`
+buckets); generate reads each sentence unpadded. Our decoder without a cache
+(bench/uncached_decode.py) is timed too with --uncached, as the cache's baseline.
 """
 
 import argparse
@@ -27,105 +27,146 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from transformer_jax import decode, evaluate, steps  # noqa: E402
-from transformer_jax.data import sources  # noqa: E402
-from transformer_jax.constants import EOS_ID, PAD_ID  # noqa: E402
-from transformer_jax.model import Transformer  # noqa: E402
+from bench.machine import cpu_description  # noqa: E402
 from bench.uncached_decode import greedy_search_uncached, uncached_decoder  # noqa: E402
+from transformer_jax import decode, evaluate, steps  # noqa: E402
+from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+from transformer_jax.data import sources  # noqa: E402
+from transformer_jax.model import Transformer  # noqa: E402
 
 
 def load(args):
+  """(model, params, src [B, S] padded, lengths [B]) from a run's test split, or random."""
   if args.workdir:
     run = evaluate.load_run(args.workdir)
     split = sources.load_split(run.config.data, "test")
     texts = [split.examples[i][split.source_lang] for i in range(args.sentences)]
     ids = run.tokenizer.encode_batch(texts)
-    src = np.zeros((args.sentences, max(map(len, ids))), np.int32)
-    for i, x in enumerate(ids):
-      src[i, :len(x)] = x
-    return run.setup.model, run.params, jnp.asarray(src), run.config
-  from bench.pipeline import CONFIGS
-  from transformer_jax.config import load_config_file
-  config = load_config_file(os.path.join(CONFIGS, "small.py"))
-  setup = steps.make_setup(config)
-  params = setup.init_state(0).params
-  rng = np.random.default_rng(0)
-  src = rng.integers(4, config.model.vocab_size, (args.sentences, 32)).astype(np.int32)
-  src[:, -1] = EOS_ID
-  return setup.model, params, jnp.asarray(src), config
+    model, params = run.setup.model, run.params
+  else:
+    from bench.pipeline import CONFIGS
+    from transformer_jax.config import load_config_file
+    config = load_config_file(os.path.join(CONFIGS, "small.py"))
+    setup = steps.make_setup(config)
+    model, params = setup.model, setup.init_state(0).params
+    rng = np.random.default_rng(0)
+    ids = [list(rng.integers(4, config.model.vocab_size, 31)) + [EOS_ID] for _ in range(args.sentences)]
+  src = np.zeros((len(ids), max(map(len, ids))), np.int32)
+  for i, x in enumerate(ids):
+    src[i, :len(x)] = x
+  return model, params, src, np.array([len(x) for x in ids])
+
+
+def ours(model, beam: int, max_extra_len: int):
+  fn = decode.make_translate_fn(model, beam, 0.0, max_extra_len)
+  return lambda params, src: np.asarray(jax.block_until_ready(fn(params, jnp.asarray(src))))
+
+
+def uncached(model, beam: int, max_len: int):
+  def run(params, src):
+    if beam == 1:
+      return greedy_search_uncached(model, params, src, max_len)
+    encoded = model.apply({"params": params}, src, method=Transformer.encode)
+    step, cache = uncached_decoder(model, params, encoded, src, max_len)
+    return decode.beam_search(step, cache, src.shape[0], beam, max_len, 0.0)[0][:, 0]
+  fn = jax.jit(run)
+  return lambda params, src: np.asarray(jax.block_until_ready(fn(params, jnp.asarray(src))))
+
+
+def hugging_face(model, params, beam: int, max_len: int, threads: int):
+  """MarianMTModel.generate on our weights, as a `(params, src) -> tokens [B, max_len]` function."""
+  import torch
+  import transformers
+  from transformer_jax import marian
+  torch.set_num_threads(threads)
+  peer = marian.marian_model(jax.device_get(params), model.config, max_positions=max_len + 8)
+  generation = transformers.GenerationConfig(
+      decoder_start_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, num_beams=beam,
+      do_sample=False, length_penalty=0.0, early_stopping=False, max_new_tokens=max_len)
+
+  @torch.no_grad()
+  def run(params, src):
+    del params
+    input_ids = torch.from_numpy(np.asarray(src)).long()
+    lengths = (input_ids != PAD_ID).sum(1)
+    if len(input_ids) == 1:  # One sentence: no padding at all, as a user would call it.
+      input_ids = input_ids[:, :int(lengths[0])]
+    out = peer.generate(input_ids=input_ids, attention_mask=(input_ids != PAD_ID).long(),
+                        generation_config=generation).numpy()[:, 1:]  # Drop the start token.
+    tokens = np.full((len(out), max_len), PAD_ID, np.int32)
+    tokens[:, :out.shape[1]] = out[:, :max_len]
+    return tokens
+
+  return run
+
+
+def trim(tokens: np.ndarray) -> tuple[int, ...]:
+  """The tokens up to and including the first EOS_ID."""
+  end = np.flatnonzero(tokens == EOS_ID)
+  return tuple(tokens[:end[0] + 1] if len(end) else tokens[tokens != PAD_ID])
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--workdir")
-  parser.add_argument("--sentences", type=int, default=64)
+  parser.add_argument("--sentences", type=int, default=32)
   parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--beam", type=int, default=4)
   parser.add_argument("--max_extra_len", type=int, default=50)
-  parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
+  parser.add_argument("--single", type=int, default=8,
+                      help="sentences decoded one at a time (batch 1) in each round")
+  parser.add_argument("--no_hf", action="store_true", help="skip the Hugging Face peer")
+  parser.add_argument("--uncached", action="store_true", help="also time our decoder without a cache")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's threads")
   args = parser.parse_args()
-  model, params, src, config = load(args)
+  model, params, src, lengths = load(args)
   max_len = src.shape[1] + args.max_extra_len
-  beam, alpha = config.decode.beam_size, config.decode.length_penalty
-
-  def uncached_beam(params, src):
-    encoded = model.apply({"params": params}, src, method=Transformer.encode)
-    step, cache = uncached_decoder(model, params, encoded, src, max_len)
-    return decode.beam_search(step, cache, src.shape[0], beam, max_len, alpha)[0][:, 0]
-
-  variants = {
-      "greedy, cached": decode.make_translate_fn(model, 1, 0.0, args.max_extra_len),
-      "greedy, no cache": jax.jit(lambda p, s: greedy_search_uncached(model, p, s, max_len)),
-      f"beam {beam}, cached": decode.make_translate_fn(model, beam, alpha, args.max_extra_len),
-      f"beam {beam}, no cache": jax.jit(uncached_beam),
-  }
-  if not args.no_torch:
-    variants["greedy, PyTorch (no cache)"] = torch_greedy(model, params, src, max_len, args.threads)
-  for fn in variants.values():
-    jax.block_until_ready(fn(params, src))  # Compile.
-  times = {name: [] for name in variants}
-  tokens, outputs = {}, {}
+  searches = {"greedy": 1, f"beam {args.beam}": args.beam}
+  variants = {}
+  for search, beam in searches.items():
+    variants[(search, "ours")] = ours(model, beam, args.max_extra_len)
+    if not args.no_hf:
+      variants[(search, "HF generate")] = hugging_face(model, params, beam, max_len, args.threads)
+    if args.uncached:
+      variants[(search, "ours, no cache")] = uncached(model, beam, max_len)
+  single = src[:args.single]
+  for fn in variants.values():  # Compile (and warm PyTorch up) on both batch shapes.
+    fn(params, src)
+    fn(params, single[:1])
+  times = {(k, mode): [] for k in variants for mode in ("batch", "batch 1")}
+  outputs = {}
   for _ in range(args.rounds):  # Interleaved, so machine noise hits every variant alike.
-    for name, fn in variants.items():
+    for key, fn in variants.items():
       t0 = time.perf_counter()
-      out = jax.block_until_ready(fn(params, src))
-      times[name].append(time.perf_counter() - t0)
-      out = np.asarray(out)
-      tokens[name] = int(np.sum((out != PAD_ID)))
-      outputs[name] = out
-  print(f"{src.shape[0]} sentences, source length {src.shape[1]}, up to {max_len} output tokens, "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s), medians of {args.rounds} rounds\n")
-  reference = statistics.median(times["greedy, cached"])
-  print(f"{'':<28}{'sentences/s':>12}{'tokens/s':>12}{'x greedy cached':>17}")
-  for name, ts in times.items():
-    t = statistics.median(ts)
-    print(f"{name:<28}{src.shape[0] / t:>12.1f}{tokens[name] / t:>12.0f}{reference / t:>16.3f}x")
-  for name, ts in times.items():
-    if "cached" in name and "no cache" not in name:
-      base = statistics.median(times[name.replace("cached", "no cache")])
-      print(f"cache speed-up, {name.split(',')[0]}: {base / statistics.median(ts):.1f}x")
-  if "greedy, PyTorch (no cache)" in outputs:
-    ours, theirs = outputs["greedy, cached"], outputs["greedy, PyTorch (no cache)"]
-    same = sum(np.array_equal(trim(a), trim(b)) for a, b in zip(ours, theirs))
-    print(f"PyTorch greedy translations equal to ours: {same}/{len(ours)}; our cached greedy against "
-          f"PyTorch: {statistics.median(times['greedy, PyTorch (no cache)']) / reference:.1f}x faster")
+      outputs[key] = fn(params, src)
+      times[(key, "batch")].append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      for i in range(len(single)):
+        fn(params, single[i:i + 1])
+      times[(key, "batch 1")].append(time.perf_counter() - t0)
 
-
-def trim(tokens: np.ndarray) -> np.ndarray:
-  """The tokens up to and including the first EOS_ID."""
-  end = np.flatnonzero(tokens == EOS_ID)
-  return tokens[:end[0] + 1] if len(end) else tokens[tokens != PAD_ID]
-
-
-def torch_greedy(model, params, src, max_len: int, threads: int):
-  """The PyTorch peer with our parameters, as a `(params, src) -> tokens` function like the others."""
-  import torch
-  from bench.torch_peer import TorchTransformer, greedy_decode, load_flax_params
-  torch.set_num_threads(threads)
-  peer = TorchTransformer.like(model.config, max_len=max(max_len, src.shape[1])).eval()
-  load_flax_params(peer, jax.device_get(params))
-  src_torch = torch.from_numpy(np.array(src)).long()
-  return lambda params, src: greedy_decode(peer, src_torch, max_len).numpy()
+  print(f"CPU: {cpu_description()}; jax {jax.__version__} on {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s)")
+  print(f"{len(src)} sentences (source lengths {lengths.min()} to {lengths.max()}, padded to "
+        f"{src.shape[1]}), up to {max_len} output tokens, alpha 0; batch 1: {len(single)} sentences "
+        f"one at a time; medians of {args.rounds} interleaved rounds\n")
+  print(f"{'search':<10}{'decoder':<18}{'batch sent/s':>14}{'batch-1 sent/s':>16}{'tokens':>9}"
+        f"{'ours / HF (batch, batch 1)':>30}")
+  for (search, name), out in outputs.items():
+    rate = len(src) / statistics.median(times[((search, name), "batch")])
+    rate1 = len(single) / statistics.median(times[((search, name), "batch 1")])
+    tokens = int(np.sum(out != PAD_ID))
+    ratio = ""
+    if name == "ours" and (search, "HF generate") in outputs:
+      hf = times[((search, "HF generate"), "batch")], times[((search, "HF generate"), "batch 1")]
+      ratio = (f"{statistics.median(hf[0]) / statistics.median(times[((search, name), 'batch')]):.2f}x, "
+               f"{statistics.median(hf[1]) / statistics.median(times[((search, name), 'batch 1')]):.2f}x")
+    print(f"{search:<10}{name:<18}{rate:>14.1f}{rate1:>16.1f}{tokens:>9}{ratio:>30}")
+  for search in searches:
+    if (search, "HF generate") in outputs:
+      mine, theirs = outputs[(search, "ours")], outputs[(search, "HF generate")]
+      same = sum(trim(a) == trim(b) for a, b in zip(mine, theirs))
+      print(f"{search}: translations identical to HF generate's: {same}/{len(src)}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.machine import cpu_description  # noqa: E402
 from transformer_jax import cpu, steps  # noqa: E402
 
 import flax.linen as nn  # noqa: E402
@@ -82,7 +83,8 @@ def main():
       jax.block_until_ready((run["state"], metrics))
       run["times"].append(time.perf_counter() - t0)
 
-  print(f"\n{args.size}, batch {rows}x{length}, jax {jax.__version__} ({jax.devices()[0].device_kind}), "
+  print(f"\nCPU: {cpu_description()}")
+  print(f"{args.size}, batch {rows}x{length}, jax {jax.__version__} ({jax.devices()[0].device_kind}), "
         f"medians of {args.rounds} interleaved steps\n")
   reference = statistics.median(runs["no dropout"]["times"])
   print(f"{'variant':<28}{'rate':>6}{'ms/step':>10}{'x no dropout':>14}")

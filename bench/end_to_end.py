@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.machine import cpu_description  # noqa: E402
 from transformer_jax.config import load_config_file  # noqa: E402
 from transformer_jax import cpu, experiment, sharding, steps  # noqa: E402
 from transformer_jax.data import sources  # noqa: E402
@@ -107,7 +108,8 @@ def main():
       seconds_per_step[name].append(seconds / args.steps)
 
   baseline = statistics.median(rates["padded"])
-  print(f"\n{config.model.num_layers} layers, d_model {config.model.d_model}, {budget} tokens per "
+  print(f"\nCPU: {cpu_description()}")
+  print(f"{config.model.num_layers} layers, d_model {config.model.d_model}, {budget} tokens per "
         f"batch per side, max_len {max_len}; {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s); {args.steps} steps a round, medians of {args.rounds} interleaved rounds\n")
   print(f"{'':<10}{'batch shapes':>18}{'padding':>9}{'s/step':>8}{'real tgt tok/s':>16}{'x padded':>10}")

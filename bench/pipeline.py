@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402,F401
 
+from bench.machine import cpu_description  # noqa: E402
 from transformer_jax import experiment, sharding, steps  # noqa: E402
 from transformer_jax.config import load_config_file  # noqa: E402
 from transformer_jax.data import sources  # noqa: E402
@@ -81,7 +82,8 @@ def main():
     rate, state = step_rate(setup, state, packed[r], key, args.steps)
     results["train step"].append(rate)
   consume = statistics.median(results["train step"])
-  print(f"\n{'':<22}{'target tok/s (median)':>24}{'x train step':>16}")
+  print(f"\nCPU: {cpu_description()}")
+  print(f"{'':<22}{'target tok/s (median)':>24}{'x train step':>16}")
   for name, rates in results.items():
     median = statistics.median(rates)
     print(f"{name:<22}{median:>24,.0f}{median / consume:>15.1f}x")

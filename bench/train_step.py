@@ -35,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.pipeline import CONFIGS  # noqa: E402
+from bench.machine import cpu_description  # noqa: E402
 from transformer_jax.config import load_config_file  # noqa: E402
 from transformer_jax import cpu, steps  # noqa: E402
 from transformer_jax.config import TransformerConfig  # noqa: E402
@@ -182,7 +183,8 @@ def main():
   versions = f"jax {jax.__version__} ({jax.device_count()} {jax.devices()[0].device_kind})"
   if not args.no_torch:
     versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
-  print(f"\n{versions}, {args.dtype}, attention_impl={args.attention_impl}, "
+  print(f"\nCPU: {cpu_description()}")
+  print(f"{versions}, {args.dtype}, attention_impl={args.attention_impl}, "
         f"{'default allocator' if args.default_memory else 'keep_cpu_step_memory'}, "
         f"medians of {args.rounds} {'interleaved ' if not args.no_torch else ''}rounds\n")
   mfu = lambda r, t: f"{r['flops'] / t / peak:>7.1%}" if peak else f"{'n/a':>7}"

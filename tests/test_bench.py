@@ -73,3 +73,16 @@ def test_the_pytorch_peer_computes_our_logits():
   mine = np.asarray(decode.translate(Transformer(config), params, src, beam_size=1, alpha=0.0,
                                      max_extra_len=1))
   np.testing.assert_array_equal(theirs, mine[:, :theirs.shape[1]])
+
+
+def test_decode_benchmark_times_ours_and_hugging_face_on_the_same_weights():
+  pytest.importorskip("transformers")
+  out = run_script("bench/decode.py", "--sentences", "2", "--single", "1", "--rounds", "1",
+                   "--max_extra_len", "4", "--beam", "2")
+  assert out.startswith("CPU: "), out
+  lines = out.splitlines()
+  for search in ("greedy", "beam 2"):
+    for decoder in ("ours", "HF generate"):
+      assert any(line.startswith(f"{search:<10}{decoder} ") for line in lines), out
+  assert "greedy: translations identical to HF generate's: 2/2" in out
+  assert "beam 2: translations identical to HF generate's: 2/2" in out

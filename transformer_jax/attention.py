@@ -94,6 +94,17 @@ class Projection(nn.Module):
     return y + jnp.asarray(bias, self.dtype)
 
 
+def fold_beams(q: Array, copies: int) -> Array:
+  """[B * C, T, N, K] queries -> [B, C * T, N, K]: the C rows of each example side by side."""
+  return q.reshape(q.shape[0] // copies, copies * q.shape[1], *q.shape[2:])
+
+
+def fold_beams_mask(mask: Array, copies: int) -> Array:
+  """The mask of `fold_beams`' queries: [B * C, 1, T, S] -> [B, 1, C * T, S]."""
+  rows, _, t, s = mask.shape
+  return mask.reshape(rows // copies, copies, t, s).reshape(rows // copies, 1, copies * t, s)
+
+
 class MultiHeadAttention(nn.Module):
   """Multi-head attention, section 3.2.2: h heads projected from d_model, concatenated, projected.
 
@@ -123,8 +134,14 @@ class MultiHeadAttention(nn.Module):
     cfg = self.config
     N, K, H, D = cfg.num_heads, cfg.head_dim_k, cfg.head_dim_v, cfg.d_model
     q = self._project_in(K, "query", inputs_q)  # [B, T, N, K]
+    copies = 1
     if decode_index is not None and not self.self_attention:
       k, v = self._cached_encoder_kv(inputs_kv)
+      # Beam search keeps the encoder's keys and values once per example, not once per beam: the
+      # K beams of an example (rows b * K .. b * K + K - 1) become K times as many queries.
+      copies = q.shape[0] // k.shape[0]
+      if copies > 1:
+        q, mask = fold_beams(q, copies), fold_beams_mask(mask, copies)
     else:
       k = self._project_in(K, "key", inputs_kv)  # [B, S, N, K]
       v = self._project_in(H, "value", inputs_kv)  # [B, S, N, H]
@@ -136,6 +153,8 @@ class MultiHeadAttention(nn.Module):
       self.sow("intermediates", "attention_weights", weights)
     else:
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    if copies > 1:
+      out = out.reshape(out.shape[0] * copies, -1, *out.shape[2:])  # Unfold: [B*K, T, N, H].
 
     # W^O: concatenate the heads and project back to d_model.
     return Projection((N, H, D), ("heads", "kv", "embed"), "BTNH,NHD->BTD", 2, cfg.compute_dtype,

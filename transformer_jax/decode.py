@@ -23,7 +23,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
+from transformer_jax.attention import ENCODER_CACHE
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID
 from transformer_jax.model import Transformer, init_cache
 
@@ -236,10 +238,11 @@ def cached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
                    max_len: int) -> tuple[TokensToLogits, Cache]:
   """The decoder as a `tokens_to_logits` step against its key/value cache.
 
-  The cache is built for the B examples, with the encoder-decoder attention's projection of
-  `encoded` computed once (`init_cache`); `beam_search` repeats it to the beams, which is cheaper
-  than projecting K copies of `encoded`. The step accepts any N that is a multiple of B and repeats
-  `encoded` and `src` to match.
+  The encoder-decoder attention's keys and values (its projection of `encoded`) are computed
+  once (`init_cache`) and held by the step itself, once per example: beam search never repeats
+  or reorders them, and the step folds an example's K beams into K times as many queries
+  against them. The cache the search carries holds only the self-attention keys and values,
+  which do follow the beams. The step accepts any N that is a multiple of B.
 
   Args:
     model: the Transformer.
@@ -251,17 +254,21 @@ def cached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
   Returns:
     tokens_to_logits, and its initial cache (every leaf [B, ...]).
   """
-  cache = init_cache(model, params, encoded, src, max_len)
+  flat = traverse_util.flatten_dict(init_cache(model, params, encoded, src, max_len))
+  encoder_kv = {path: x for path, x in flat.items() if path[-1] in ENCODER_CACHE}
+  self_cache = traverse_util.unflatten_dict({p: x for p, x in flat.items() if p not in encoder_kv})
 
   def tokens_to_logits(tokens: Array, cache: Cache, index: Array) -> tuple[Array, Cache]:
     copies = tokens.shape[0] // src.shape[0]
+    full = traverse_util.unflatten_dict({**traverse_util.flatten_dict(cache), **encoder_kv})
     logits, variables = model.apply(
-        {"params": params, "cache": cache}, expand_to_beams(encoded, copies),
-        expand_to_beams(src, copies), tokens, decode_index=index, method=Transformer.decode,
-        mutable=["cache"])
-    return logits[:, 0], variables["cache"]
+        {"params": params, "cache": full}, encoded, expand_to_beams(src, copies), tokens,
+        decode_index=index, method=Transformer.decode, mutable=["cache"])
+    updated = traverse_util.flatten_dict(variables["cache"])
+    return logits[:, 0], traverse_util.unflatten_dict(
+        {p: x for p, x in updated.items() if p not in encoder_kv})
 
-  return tokens_to_logits, cache
+  return tokens_to_logits, self_cache
 
 
 def check_output_length(model: Transformer, max_len: int):

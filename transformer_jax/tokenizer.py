@@ -51,6 +51,10 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self._sp.get_piece_size()
 
+  def pieces(self) -> list[str]:
+    """Every piece, by id."""
+    return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+
   def encode(self, text: str | bytes) -> list[int]:
     """One sentence -> token ids ending with EOS_ID."""
     if isinstance(text, bytes):

@@ -1,0 +1,222 @@
+"""Our parameters as Hugging Face `transformers`' MarianMTModel, and back.
+
+MarianMTModel (PyTorch) is the paper's architecture: post-LN encoder and decoder layers, one
+embedding shared by both sides and the output projection, scaled by sqrt(d_model), and fixed
+sinusoidal positions. Two differences matter when weights move between the two:
+
+- **Position layout.** Ours interleaves sine and cosine (PE(pos, 2i) = sin, PE(pos, 2i+1) = cos,
+  the paper's formula); Marian puts every sine first, then every cosine. The frequencies are the
+  same, so the two tables differ by a permutation of the d_model axis, and a model maps exactly
+  onto the other by permuting that axis in every parameter that touches it (embedding,
+  projections, LayerNorms). Marian rebuilds its table when it loads, so copying weights without
+  the permutation gives a model that runs and is silently wrong.
+- **LayerNorm epsilon**: Marian's is fixed at 1e-5 (ours 1e-6 by default; `model.layer_norm_epsilon`
+  sets it), a difference of about 1e-5 in the logits.
+
+Shapes: D d_model, N heads, K head size, F d_ff, V vocabulary. Marian stores `nn.Linear` weights
+as [out, in]; ours are einsum kernels [in, ..., out].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from transformer_jax.config import TransformerConfig
+from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from transformer_jax.errors import ConfigError
+
+MARIAN_LAYER_NORM_EPSILON = 1e-5
+
+
+def position_permutation(d_model: int) -> np.ndarray:
+  """perm such that Marian's position table equals ours[:, perm]: the even (sine) columns, then
+  the odd (cosine) ones."""
+  return np.concatenate([np.arange(0, d_model, 2), np.arange(1, d_model, 2)])
+
+
+def check_exportable(cfg: TransformerConfig) -> None:
+  """Raises ConfigError for a model MarianMTModel cannot represent."""
+  problems = []
+  if cfg.norm_position != "post":
+    problems.append(f"model.norm_position={cfg.norm_position!r} (Marian is post-LN)")
+  if cfg.positional_encoding != "sinusoidal":
+    problems.append(f"model.positional_encoding={cfg.positional_encoding!r} (Marian's are sinusoidal)")
+  if cfg.head_dim_k * cfg.num_heads != cfg.d_model or cfg.head_dim_v * cfg.num_heads != cfg.d_model:
+    problems.append(f"d_k={cfg.head_dim_k}, d_v={cfg.head_dim_v} (Marian needs d_model / num_heads)")
+  if cfg.d_model % 2:
+    problems.append(f"model.d_model={cfg.d_model} (the position tables need an even width)")
+  if problems:
+    raise ConfigError("this model cannot be exported as a MarianMTModel: " + "; ".join(problems))
+
+
+def config_kwargs(cfg: TransformerConfig, max_positions: int = 1024) -> dict[str, Any]:
+  """The `transformers.MarianConfig(**kwargs)` of our model (generation settings excluded)."""
+  check_exportable(cfg)
+  return dict(
+      vocab_size=cfg.vocab_size, decoder_vocab_size=cfg.vocab_size, d_model=cfg.d_model,
+      encoder_layers=cfg.num_layers, decoder_layers=cfg.num_layers,
+      encoder_attention_heads=cfg.num_heads, decoder_attention_heads=cfg.num_heads,
+      encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff, activation_function="relu",
+      max_position_embeddings=max_positions, scale_embedding=True,
+      dropout=cfg.dropout_rate, attention_dropout=0.0, activation_dropout=0.0,
+      share_encoder_decoder_embeddings=True, tie_word_embeddings=True,
+      pad_token_id=PAD_ID, eos_token_id=EOS_ID, bos_token_id=BOS_ID,
+      decoder_start_token_id=BOS_ID, forced_eos_token_id=None)
+
+
+def to_marian(params: Any, cfg: TransformerConfig) -> dict[str, np.ndarray]:
+  """Our parameter tree -> a MarianMTModel state dict (float32 numpy arrays, Marian's names).
+
+  The d_model axis of every parameter is permuted (`position_permutation`), so that Marian's own
+  position table gives the same model. `model.*.embed_positions.weight` is left out: Marian
+  computes it.
+  """
+  check_exportable(cfg)
+  perm = position_permutation(cfg.d_model)
+  f32 = lambda x: np.asarray(x, np.float32)
+  state: dict[str, np.ndarray] = {}
+
+  def linear_in(prefix: str, p: dict) -> None:  # Ours [D, N, K] -> Marian [N*K, D].
+    kernel = f32(p["kernel"])
+    state[f"{prefix}.weight"] = kernel.reshape(kernel.shape[0], -1)[perm].T
+    state[f"{prefix}.bias"] = f32(p["bias"]).reshape(-1)
+
+  def attention(prefix: str, p: dict) -> None:
+    for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+      linear_in(f"{prefix}.{theirs}", p[ours])
+    kernel = f32(p["out"]["kernel"])  # [N, K, D] -> [D, N*K]
+    state[f"{prefix}.out_proj.weight"] = kernel.reshape(-1, kernel.shape[-1])[:, perm].T
+    state[f"{prefix}.out_proj.bias"] = f32(p["out"]["bias"])[perm]
+
+  def norm(prefix: str, p: dict) -> None:
+    state[f"{prefix}.weight"] = f32(p["scale"])[perm]
+    state[f"{prefix}.bias"] = f32(p["bias"])[perm]
+
+  def feed_forward(prefix: str, p: dict) -> None:
+    state[f"{prefix}.fc1.weight"] = f32(p["wi"]["kernel"])[perm].T  # [D, F] -> [F, D]
+    state[f"{prefix}.fc1.bias"] = f32(p["wi"]["bias"])
+    state[f"{prefix}.fc2.weight"] = f32(p["wo"]["kernel"])[:, perm].T  # [F, D] -> [D, F]
+    state[f"{prefix}.fc2.bias"] = f32(p["wo"]["bias"])[perm]
+
+  embedding = f32(params["embed"]["embedding"])[:, perm]
+  for name in ("model.shared", "model.encoder.embed_tokens", "model.decoder.embed_tokens", "lm_head"):
+    state[f"{name}.weight"] = embedding
+  state["final_logits_bias"] = np.zeros((1, cfg.vocab_size), np.float32)
+  for i in range(cfg.num_layers):
+    p, prefix = params["encoder"][f"layer_{i}"], f"model.encoder.layers.{i}"
+    attention(f"{prefix}.self_attn", p["self_attention"])
+    norm(f"{prefix}.self_attn_layer_norm", p["self_attention_norm"])
+    feed_forward(prefix, p["feed_forward"])
+    norm(f"{prefix}.final_layer_norm", p["feed_forward_norm"])
+  for i in range(cfg.num_layers):
+    p, prefix = params["decoder"][f"layer_{i}"], f"model.decoder.layers.{i}"
+    attention(f"{prefix}.self_attn", p["self_attention"])
+    norm(f"{prefix}.self_attn_layer_norm", p["self_attention_norm"])
+    attention(f"{prefix}.encoder_attn", p["cross_attention"])
+    norm(f"{prefix}.encoder_attn_layer_norm", p["cross_attention_norm"])
+    feed_forward(prefix, p["feed_forward"])
+    norm(f"{prefix}.final_layer_norm", p["feed_forward_norm"])
+  return state
+
+
+def marian_model(params: Any, cfg: TransformerConfig, max_positions: int = 1024):
+  """A `transformers.MarianMTModel` (PyTorch, eval mode) computing our model's function.
+
+  Needs `transformers` and `torch` (`pip install -e ".[hf]"`).
+  """
+  import torch
+  import transformers
+
+  model = transformers.MarianMTModel(transformers.MarianConfig(**config_kwargs(cfg, max_positions)))
+  state = {k: torch.from_numpy(np.array(v)) for k, v in to_marian(params, cfg).items()}
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  left = [k for k in missing if not k.endswith("embed_positions.weight")]
+  if left or unexpected:
+    raise RuntimeError(f"MarianMTModel parameters not matched: missing {left}, unexpected {unexpected}")
+  return model.eval()
+
+
+def export(workdir: str, output_dir: str, *, average_last: int = 1, step: int | None = None) -> str:
+  """Writes a trained run as a directory that `MarianMTModel.from_pretrained` and
+  `MarianTokenizer.from_pretrained` load: safetensors weights, config, generation config (the
+  run's beam size; no length penalty, since Marian's divides by |Y|^alpha where ours is GNMT's),
+  and the tokenizer as Marian lays it out (our one SentencePiece model as both `source.spm` and
+  `target.spm`, and a `vocab.json` that maps each piece to our id).
+
+  Args:
+    workdir: the run's directory.
+    output_dir: where to write (created).
+    average_last, step: which checkpoints, as for `evaluate.load_run`.
+
+  Returns:
+    `output_dir`.
+  """
+  import json
+  import os
+  import shutil
+
+  import transformers
+
+  from transformer_jax import evaluate
+
+  run = evaluate.load_run(workdir, average_last=average_last, step=step)
+  cfg = run.setup.model_config
+  if cfg.layer_norm_epsilon != MARIAN_LAYER_NORM_EPSILON:
+    import logging
+    logging.getLogger(__name__).warning(
+        "model.layer_norm_epsilon=%g, Marian's is fixed at %g: logits will differ by about 1e-5.",
+        cfg.layer_norm_epsilon, MARIAN_LAYER_NORM_EPSILON)
+  max_length = int(run.config.data.max_len) + int(run.config.decode.max_extra_len) + 1
+  model = marian_model(run.params, cfg, max_positions=max(1024, max_length))
+  model.generation_config = transformers.GenerationConfig(
+      decoder_start_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+      num_beams=int(run.config.decode.beam_size), length_penalty=0.0, early_stopping=False,
+      max_length=max_length, do_sample=False)
+  os.makedirs(output_dir, exist_ok=True)
+  model.save_pretrained(output_dir)
+  tokenizer_path = os.path.join(os.path.abspath(workdir), "tokenizer.model")
+  for name in ("source.spm", "target.spm"):
+    shutil.copyfile(tokenizer_path, os.path.join(output_dir, name))
+  pieces = run.tokenizer.pieces()
+  vocab = {piece: i for i, piece in enumerate(pieces)}
+  with open(os.path.join(output_dir, "vocab.json"), "w", encoding="utf-8") as f:
+    json.dump(vocab, f, ensure_ascii=False)
+  with open(os.path.join(output_dir, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "MarianTokenizer", "source_lang": run.config.data.source_lang,
+               "target_lang": run.config.data.target_lang, "separate_vocabs": False,
+               "pad_token": pieces[PAD_ID], "eos_token": pieces[EOS_ID],
+               "unk_token": pieces[UNK_ID], "additional_special_tokens": [pieces[BOS_ID]],
+               "model_max_length": max_length}, f, indent=2)
+  return output_dir
+
+
+def export_main(argv=None) -> int:
+  """`transformer-export`: a trained run as a Hugging Face MarianMTModel directory."""
+  import argparse
+
+  from transformer_jax import errors
+
+  parser = argparse.ArgumentParser(prog="transformer-export", description=export_main.__doc__)
+  parser.add_argument("--workdir", required=True, help="the training run's directory")
+  parser.add_argument("--output_dir", required=True, help="where to write the Marian model")
+  parser.add_argument("--average_last", type=int, default=1, help="average the last N checkpoints")
+  parser.add_argument("--step", type=int, help="use this checkpoint instead of the last")
+  args = parser.parse_args(argv)
+  if args.average_last < 1:
+    parser.error(f"--average_last: {args.average_last} is not a positive integer")
+  try:
+    export(args.workdir, args.output_dir, average_last=args.average_last, step=args.step)
+  except errors.UserError as e:
+    if errors.show_tracebacks():
+      raise
+    return errors.report(e, parser.prog)
+  print(f"wrote {args.output_dir}: load it with transformers.MarianMTModel.from_pretrained and "
+        "MarianTokenizer.from_pretrained")
+  return 0
+
+
+def export_main_entry() -> None:
+  import sys
+  sys.exit(export_main())
