@@ -155,7 +155,7 @@ def main():
   for (search, name), out in outputs.items():
     rate = len(src) / statistics.median(times[((search, name), "batch")])
     rate1 = len(single) / statistics.median(times[((search, name), "batch 1")])
-    tokens = int(np.sum(out != PAD_ID))
+    tokens = sum(len(trim(row)) for row in out)
     ratio = ""
     if name == "ours" and (search, "HF generate") in outputs:
       hf = times[((search, "HF generate"), "batch")], times[((search, "HF generate"), "batch 1")]

@@ -49,24 +49,28 @@ def causal_mask(length: int) -> Array:
   return jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None, None]
 
 
-def scaled_dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None) -> tuple[Array, Array]:
+def scaled_dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None, *,
+                                 heads_major: bool = False) -> tuple[Array, Array]:
   """softmax(Q K^T / sqrt(d_k)) V, section 3.2.1, with the logits and the softmax in float32.
 
   Args:
     q: [B, T, N, K] queries.
-    k: [B, S, N, K] keys.
-    v: [B, S, N, H] values.
+    k: [B, S, N, K] keys ([B, N, S, K] if `heads_major`).
+    v: [B, S, N, H] values ([B, N, S, H] if `heads_major`).
     mask: boolean, broadcastable to [B, N, T, S]; masked logits are set to MASK_VALUE.
+    heads_major: the layout of the decoding caches, which the contractions read as they are
+      stored; with [B, S, N, K] XLA would transpose the whole cache at every decoding step.
 
   Returns:
     The attended values [B, T, N, H] in v's dtype, and the attention weights [B, N, T, S] (float32).
   """
-  logits = jnp.einsum("BTNK,BSNK->BNTS", q, k, preferred_element_type=jnp.float32)
+  kv = "BNSK" if heads_major else "BSNK"
+  logits = jnp.einsum(f"BTNK,{kv}->BNTS", q, k, preferred_element_type=jnp.float32)
   logits = logits / jnp.sqrt(jnp.float32(q.shape[-1]))
   if mask is not None:
     logits = jnp.where(mask, logits, MASK_VALUE)
   weights = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("BNTS,BSNH->BTNH", weights.astype(v.dtype), v)
+  out = jnp.einsum(f"BNTS,{kv.replace('K', 'H')}->BTNH", weights.astype(v.dtype), v)
   return out, weights
 
 
@@ -135,6 +139,7 @@ class MultiHeadAttention(nn.Module):
     N, K, H, D = cfg.num_heads, cfg.head_dim_k, cfg.head_dim_v, cfg.d_model
     q = self._project_in(K, "query", inputs_q)  # [B, T, N, K]
     copies = 1
+    heads_major = decode_index is not None  # The caches' layout, [B, N, S, K].
     if decode_index is not None and not self.self_attention:
       k, v = self._cached_encoder_kv(inputs_kv)
       # Beam search keeps the encoder's keys and values once per example, not once per beam: the
@@ -149,9 +154,11 @@ class MultiHeadAttention(nn.Module):
         k, v, mask = self._update_self_cache(k, v, decode_index)
 
     if cfg.attention_impl == "einsum":
-      out, weights = scaled_dot_product_attention(q, k, v, mask)
+      out, weights = scaled_dot_product_attention(q, k, v, mask, heads_major=heads_major)
       self.sow("intermediates", "attention_weights", weights)
     else:
+      if heads_major:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
       out = jax.nn.dot_product_attention(q, k, v, mask=mask)
     if copies > 1:
       out = out.reshape(out.shape[0] * copies, -1, *out.shape[2:])  # Unfold: [B*K, T, N, H].
@@ -161,16 +168,18 @@ class MultiHeadAttention(nn.Module):
                       cfg.weight_dtype, name="out")(out)
 
   def _update_self_cache(self, k: Array, v: Array, index: Array) -> tuple[Array, Array, Array]:
-    """Writes this chunk's keys and values at `index`; returns the whole cache and its mask."""
+    """Writes this chunk's keys and values [B, T, N, K] at `index`; returns the whole cache
+    [B, N, L, K] (heads-major, see `scaled_dot_product_attention`) and its mask."""
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, N, T, K]: T is small.
     cached_k = self.variable("cache", SELF_CACHE[0], jnp.zeros, k.shape, k.dtype)
     cached_v = self.variable("cache", SELF_CACHE[1], jnp.zeros, v.shape, v.dtype)
-    start = (0, index, 0, 0)
+    start = (0, 0, index, 0)
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, start)
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, start)
     # Query t sits at position index + t and sees the cache up to that position; later slots hold
     # nothing yet (or stale values) and are masked.
-    length = cached_k.value.shape[1]
-    query_pos = index + jnp.arange(k.shape[1])
+    length = cached_k.value.shape[2]
+    query_pos = index + jnp.arange(k.shape[2])
     mask = jnp.arange(length)[None, :] <= query_pos[:, None]  # [T, L]
     return cached_k.value, cached_v.value, mask[None, None]
 
@@ -181,12 +190,13 @@ class MultiHeadAttention(nn.Module):
                       "BLD,DNK->BLNK", 1, cfg.compute_dtype, cfg.weight_dtype, name=name)(x)
 
   def _cached_encoder_kv(self, encoded: Array) -> tuple[Array, Array]:
-    """The projected encoder output: computed on the first call, read from the cache after."""
+    """The projected encoder output, [B, N, S, K] (heads-major): computed on the first call, read
+    from the cache after."""
     if self.has_variable("cache", ENCODER_CACHE[0]):
       return self.get_variable("cache", ENCODER_CACHE[0]), self.get_variable("cache", ENCODER_CACHE[1])
     cfg = self.config
-    k = self._project_in(cfg.head_dim_k, "key", encoded)
-    v = self._project_in(cfg.head_dim_v, "value", encoded)
+    k = jnp.swapaxes(self._project_in(cfg.head_dim_k, "key", encoded), 1, 2)
+    v = jnp.swapaxes(self._project_in(cfg.head_dim_v, "value", encoded), 1, 2)
     self.put_variable("cache", ENCODER_CACHE[0], k)
     self.put_variable("cache", ENCODER_CACHE[1], v)
     return k, v
