@@ -1,6 +1,6 @@
 """The benchmark scripts run and print their tables (tiny shapes; the figures themselves are not
-checked: they live in BENCHMARKS.md). The PyTorch peer is left out, as CI does not install torch;
-when torch is installed, the peer must compute the same logits as our model."""
+checked: they live in BENCHMARKS.md). The PyTorch and Hugging Face peers run where torch and
+transformers are installed (the README's test command installs them) and are skipped elsewhere."""
 
 import os
 import pathlib
