@@ -42,15 +42,13 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds are chatty at INFO.
   logging.getLogger("transformer_jax").setLevel(logging.INFO)
   cpu.keep_cpu_step_memory()  # Before anything starts JAX's backends.
-  try:
+
+  def run() -> None:
     initialize_distributed()
     experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except errors.UserError as e:
-    # A bad value, file or checkpoint: the message names it; a traceback would only hide it.
-    # TRANSFORMER_JAX_TRACEBACK=1 shows the traceback too.
-    if errors.show_tracebacks():
-      raise
-    sys.exit(errors.report(e, "train.py"))
+
+  # A bad value, file or checkpoint is one line naming it (exit 2), not a traceback.
+  sys.exit(errors.run_command("train.py", run))
 
 
 if __name__ == "__main__":

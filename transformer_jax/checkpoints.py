@@ -43,13 +43,20 @@ def make_manager(workdir: str, train: ml_collections.ConfigDict) -> ocp.Checkpoi
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def all_finite(tree: Any) -> bool:
-  """Whether every floating-point value of a (possibly sharded) pytree is finite."""
+  """Whether every floating-point value of a (possibly sharded) pytree is finite.
+
+  One jitted reduction, compiled once per tree structure (not at every checkpoint).
+  """
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   if not leaves:
     return True
-  finite = jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves)
-  return bool(np.asarray(finite.addressable_data(0)))
+  return bool(np.asarray(_all_finite(leaves).addressable_data(0)))
 
 
 def check_finite(state: TrainState, last_saved: int | None) -> None:

@@ -232,37 +232,37 @@ DATASETS = ("bible", "wmt14", "text")
 RESERVED_IDS = 4  # PAD, EOS, BOS and UNK (constants.py).
 
 _INT, _FLOAT = "int", "float"
-# field -> (type, lowest accepted, highest accepted, whether the lowest itself is excluded).
+# field -> (type, lowest accepted, whether the lowest itself is excluded).
 _RUN_FIELDS = {
-    "seed": (_INT, 0, None, False),
-    "train.num_steps": (_INT, 0, None, False),
-    "train.warmup_steps": (_INT, 1, None, False),
-    "train.adam_b1": (_FLOAT, 0.0, 1.0, False),
-    "train.adam_b2": (_FLOAT, 0.0, 1.0, False),
-    "train.adam_eps": (_FLOAT, 0.0, None, True),
-    "train.label_smoothing": (_FLOAT, 0.0, 1.0, False),
-    "train.checkpoints_to_average": (_INT, 1, None, False),
-    "train.learning_rate_scale": (_FLOAT, 0.0, None, True),
-    "train.learning_rate": (_FLOAT, 0.0, None, True),
-    "train.grad_clip_norm": (_FLOAT, 0.0, None, False),
-    "train.weight_decay": (_FLOAT, 0.0, None, False),
-    "train.grad_accum_steps": (_INT, 1, None, False),
-    "train.time_budget_minutes": (_FLOAT, 0.0, None, False),
-    "train.log_every": (_INT, 1, None, False),
-    "train.eval_every": (_INT, 1, None, False),
-    "train.eval_bleu_sentences": (_INT, 0, None, False),
-    "train.samples_to_print": (_INT, 0, None, False),
-    "train.test_sentences": (_INT, 0, None, False),
-    "train.checkpoint_every": (_INT, 1, None, False),
-    "train.checkpoints_to_keep": (_INT, 1, None, False),
-    "train.peak_flops": (_FLOAT, 0.0, None, False),
-    "data.tokenizer_max_sentences": (_INT, 1, None, False),
-    "data.max_len": (_INT, 2, None, False),
-    "data.tokens_per_batch": (_INT, 1, None, False),
-    "data.num_workers": (_INT, 0, None, False),
-    "decode.beam_size": (_INT, 1, None, False),
-    "decode.length_penalty": (_FLOAT, 0.0, None, False),
-    "decode.max_extra_len": (_INT, 0, None, False),
+    "seed": (_INT, 0, False),
+    "train.num_steps": (_INT, 0, False),
+    "train.warmup_steps": (_INT, 1, False),
+    "train.adam_b1": (_FLOAT, 0.0, False),  # These three must also be below 1 (below).
+    "train.adam_b2": (_FLOAT, 0.0, False),
+    "train.adam_eps": (_FLOAT, 0.0, True),
+    "train.label_smoothing": (_FLOAT, 0.0, False),
+    "train.checkpoints_to_average": (_INT, 1, False),
+    "train.learning_rate_scale": (_FLOAT, 0.0, True),
+    "train.learning_rate": (_FLOAT, 0.0, True),
+    "train.grad_clip_norm": (_FLOAT, 0.0, False),
+    "train.weight_decay": (_FLOAT, 0.0, False),
+    "train.grad_accum_steps": (_INT, 1, False),
+    "train.time_budget_minutes": (_FLOAT, 0.0, False),
+    "train.log_every": (_INT, 1, False),
+    "train.eval_every": (_INT, 1, False),
+    "train.eval_bleu_sentences": (_INT, 0, False),
+    "train.samples_to_print": (_INT, 0, False),
+    "train.test_sentences": (_INT, 0, False),
+    "train.checkpoint_every": (_INT, 1, False),
+    "train.checkpoints_to_keep": (_INT, 1, False),
+    "train.peak_flops": (_FLOAT, 0.0, False),
+    "data.tokenizer_max_sentences": (_INT, 1, False),
+    "data.max_len": (_INT, 2, False),
+    "data.tokens_per_batch": (_INT, 1, False),
+    "data.num_workers": (_INT, 0, False),
+    "decode.beam_size": (_INT, 1, False),
+    "decode.length_penalty": (_FLOAT, 0.0, False),
+    "decode.max_extra_len": (_INT, 0, False),
 }
 
 
@@ -276,16 +276,16 @@ def validate_run_config(config: ml_collections.ConfigDict) -> TransformerConfig:
     ConfigError: naming the first field that is not accepted, its value and what is.
   """
   model = TransformerConfig.from_config(config.model)
-  for field, (kind, low, high, open_low) in _RUN_FIELDS.items():
+  for field, (kind, low, open_low) in _RUN_FIELDS.items():
     section, _, name = field.rpartition(".")
     value = (config[section] if section else config)[name]
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind == _INT and not (number and float(value).is_integer()):
       raise ConfigError(f"{field}={value!r} must be an integer")
-    if not number or value < low or (open_low and value == low) or (high is not None and value > high):
-      accepted = (f"> {low}" if open_low else f">= {low}") + (f" and <= {high}" if high is not None else "")
+    if not number or value < low or (open_low and value == low):
+      accepted = f"> {low}" if open_low else f">= {low}"
       raise ConfigError(f"{field}={value!r} is not accepted; it must be a number {accepted}")
-  for name in ("adam_b1", "adam_b2", "label_smoothing"):
+  for name in ("adam_b1", "adam_b2", "label_smoothing"):  # In [0, 1).
     if config.train[name] >= 1.0:
       raise ConfigError(f"train.{name}={config.train[name]!r} must be below 1")
   check_choice("train.schedule", config.train.schedule, SCHEDULES)

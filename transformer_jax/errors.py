@@ -1,6 +1,6 @@
 """Errors that are the user's to fix: a bad config value, a malformed input file, a damaged or
 missing checkpoint. Their messages name the field, file and line, or checkpoint, and say what
-would be accepted; the command-line programs print them without a traceback (`report`) and exit
+would be accepted; the command-line programs print them without a traceback (`run_command`) and exit
 with `exit_code`, keeping tracebacks for real bugs.
 
 Each class also derives from the built-in exception a caller would expect (ValueError,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -41,12 +42,18 @@ class NonFiniteError(UserError, FloatingPointError):
   exit_code = 1
 
 
-def show_tracebacks() -> bool:
-  """TRANSFORMER_JAX_TRACEBACK=1 shows the traceback of user errors too."""
-  return os.environ.get("TRANSFORMER_JAX_TRACEBACK", "0") not in ("", "0")
+def run_command(program: str, body: Callable[[], int | None]) -> int:
+  """Runs a command-line program's body. A UserError is printed as `program: error: message` to
+  standard error, without a traceback, and gives its exit status; other exceptions (bugs) keep
+  theirs. TRANSFORMER_JAX_TRACEBACK=1 shows the traceback of user errors too.
 
-
-def report(error: UserError, program: str) -> int:
-  """Prints `program: error: message` to standard error; returns the exit status to use."""
-  print(f"{program}: error: {error}", file=sys.stderr)
-  return error.exit_code
+  Returns:
+    The body's exit status (0 if it returns None), or the user error's.
+  """
+  try:
+    return body() or 0
+  except UserError as e:
+    if os.environ.get("TRANSFORMER_JAX_TRACEBACK", "0") not in ("", "0"):
+      raise
+    print(f"{program}: error: {e}", file=sys.stderr)
+    return e.exit_code

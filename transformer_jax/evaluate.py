@@ -23,8 +23,7 @@ from jax.experimental import multihost_utils
 
 from transformer_jax import checkpoints, decode, sharding
 from transformer_jax.data import pipeline
-from transformer_jax.errors import (CheckpointError, DataError, MissingFileError, UserError, report,
-                                    show_tracebacks)
+from transformer_jax.errors import CheckpointError, DataError, MissingFileError, UserError, run_command
 from transformer_jax.steps import Setup, make_setup
 from transformer_jax.tokenizer import Tokenizer
 
@@ -178,14 +177,8 @@ def read_lines(path: str) -> list[str]:
   finally:
     if path != "-":
       stream.close()
-  lines = []
-  for n, line in enumerate(raw, 1):
-    try:
-      lines.append(line.decode("utf-8-sig" if n == 1 else "utf-8"))
-    except UnicodeDecodeError as e:
-      raise DataError(f"{name}, line {n}: invalid UTF-8 at byte {e.start} of the line "
-                      f"({line[e.start:e.start + 4]!r}); save the file as UTF-8") from None
-  return lines
+  from transformer_jax.data.text import decode_line  # Here: it imports tfds, slow to start.
+  return [decode_line(line, name, n) for n, line in enumerate(raw, 1)]
 
 
 def _check_arguments(sentences: Sequence[str]) -> list[str]:
@@ -198,7 +191,7 @@ def _check_arguments(sentences: Sequence[str]) -> list[str]:
   return list(sentences)
 
 
-def _positive(value: str) -> int:
+def positive_int(value: str) -> int:
   """argparse type: an integer >= 1."""
   number = int(value)
   if number < 1:
@@ -208,22 +201,11 @@ def _positive(value: str) -> int:
 
 def _common_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--workdir", required=True, help="the training run's directory")
-  parser.add_argument("--average_last", type=_positive, default=1,
+  parser.add_argument("--average_last", type=positive_int, default=1,
                       help="average the last N checkpoints (the paper: 5 for base, 20 for big)")
   parser.add_argument("--step", type=int, help="use this checkpoint instead of the last")
-  parser.add_argument("--beam_size", type=_positive, help="default: the run's decode.beam_size")
+  parser.add_argument("--beam_size", type=positive_int, help="default: the run's decode.beam_size")
   parser.add_argument("--alpha", type=float, help="length penalty; default: the run's")
-
-
-def _run_command(program: str, body) -> int:
-  """Runs a command's body; a user error is printed without a traceback (TRANSFORMER_JAX_TRACEBACK=1
-  shows it) and gives its exit status."""
-  try:
-    return body()
-  except UserError as e:
-    if show_tracebacks():
-      raise
-    return report(e, program)
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
@@ -267,7 +249,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
           f"{scores['chrf_signature']}\nwritten to {output_dir}")
     return 0
 
-  return _run_command(parser.prog, body)
+  return run_command(parser.prog, body)
 
 
 def translate_main(argv: Sequence[str] | None = None) -> int:
@@ -290,7 +272,7 @@ def translate_main(argv: Sequence[str] | None = None) -> int:
         print(line)
     return 0
 
-  return _run_command(parser.prog, body)
+  return run_command(parser.prog, body)
 
 
 def translate_main_entry() -> None:

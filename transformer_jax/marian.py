@@ -19,13 +19,21 @@ as [out, in]; ours are einsum kernels [in, ..., out].
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
 from typing import Any
 
 import numpy as np
 
 from transformer_jax.config import TransformerConfig
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from transformer_jax.errors import ConfigError
+from transformer_jax.errors import ConfigError, run_command
+
+log = logging.getLogger(__name__)
 
 MARIAN_LAYER_NORM_EPSILON = 1e-5
 
@@ -153,19 +161,14 @@ def export(workdir: str, output_dir: str, *, average_last: int = 1, step: int | 
   Returns:
     `output_dir`.
   """
-  import json
-  import os
-  import shutil
+  import transformers  # The [hf] extra.
 
-  import transformers
-
-  from transformer_jax import evaluate
+  from transformer_jax import evaluate  # It loads runs, and imports most of the package.
 
   run = evaluate.load_run(workdir, average_last=average_last, step=step)
   cfg = run.setup.model_config
   if cfg.layer_norm_epsilon != MARIAN_LAYER_NORM_EPSILON:
-    import logging
-    logging.getLogger(__name__).warning(
+    log.warning(
         "model.layer_norm_epsilon=%g, Marian's is fixed at %g: logits will differ by about 1e-5.",
         cfg.layer_norm_epsilon, MARIAN_LAYER_NORM_EPSILON)
   max_length = int(run.config.data.max_len) + int(run.config.decode.max_extra_len) + 1
@@ -194,29 +197,23 @@ def export(workdir: str, output_dir: str, *, average_last: int = 1, step: int | 
 
 def export_main(argv=None) -> int:
   """`transformer-export`: a trained run as a Hugging Face MarianMTModel directory."""
-  import argparse
-
-  from transformer_jax import errors
+  from transformer_jax.evaluate import positive_int
 
   parser = argparse.ArgumentParser(prog="transformer-export", description=export_main.__doc__)
   parser.add_argument("--workdir", required=True, help="the training run's directory")
   parser.add_argument("--output_dir", required=True, help="where to write the Marian model")
-  parser.add_argument("--average_last", type=int, default=1, help="average the last N checkpoints")
+  parser.add_argument("--average_last", type=positive_int, default=1,
+                      help="average the last N checkpoints")
   parser.add_argument("--step", type=int, help="use this checkpoint instead of the last")
   args = parser.parse_args(argv)
-  if args.average_last < 1:
-    parser.error(f"--average_last: {args.average_last} is not a positive integer")
-  try:
+
+  def body() -> None:
     export(args.workdir, args.output_dir, average_last=args.average_last, step=args.step)
-  except errors.UserError as e:
-    if errors.show_tracebacks():
-      raise
-    return errors.report(e, parser.prog)
-  print(f"wrote {args.output_dir}: load it with transformers.MarianMTModel.from_pretrained and "
-        "MarianTokenizer.from_pretrained")
-  return 0
+    print(f"wrote {args.output_dir}: load it with transformers.MarianMTModel.from_pretrained and "
+          "MarianTokenizer.from_pretrained")
+
+  return run_command(parser.prog, body)
 
 
 def export_main_entry() -> None:
-  import sys
   sys.exit(export_main())

@@ -104,7 +104,8 @@ def _lines(path: str) -> Iterator[bytes]:
       yield line.rstrip(b"\n").rstrip(b"\r")
 
 
-def _decode(raw: bytes, path: str, line_number: int) -> str:
+def decode_line(raw: bytes, path: str, line_number: int) -> str:
+  """One line's bytes as text; BadLineError naming the file, line and byte if it is not UTF-8."""
   try:
     # "utf-8-sig" drops the byte-order mark some editors write at the start of a file.
     return raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
@@ -154,7 +155,7 @@ def _check_row(files: Sequence[str], n: int, row: list[tuple[str, bytes | None]]
     raise BadLineError(
         f"{longer}, line {n}: no matching line in {short}, which has only {n - 1} lines "
         "(the two files must have the same number of lines)", "unpaired")
-  texts = [(path, _decode(raw, path, n)) for path, raw in row]
+  texts = [(path, decode_line(raw, path, n)) for path, raw in row]
   for path, text in texts:
     if "\x00" in text:
       raise BadLineError(
