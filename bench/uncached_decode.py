@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.constants import PAD_ID
-from transformer_jax.decode import Cache, TokensToLogits, check_output_length, expand_to_beams, greedy_search
+from transformer_jax.decode import (Cache, TokensToLogits, check_output_length, expand_to_beams, greedy_search,
+                                   never_generated)
 from transformer_jax.model import Transformer
 
 Array = jax.Array
@@ -36,11 +37,12 @@ def uncached_decoder(model: Transformer, params: Any, encoded: Array, src: Array
   def tokens_to_logits(tokens: Array, cache: Cache, index: Array) -> tuple[Array, Cache]:
     copies = tokens.shape[0] // src.shape[0]
     tgt_in = jax.lax.dynamic_update_slice(cache["prefix"], tokens, (0, index))
-    # Every position is a real target token here (the model may emit PAD_ID), as in cached decoding.
+    # Every position is a real target token here, as in cached decoding.
     logits = model.apply(
         {"params": params}, expand_to_beams(encoded, copies), expand_to_beams(src, copies), tgt_in,
         tgt_segments=jnp.ones_like(tgt_in), method=Transformer.decode)
-    return jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False), {"prefix": tgt_in}
+    logits = jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False)
+    return never_generated(logits), {"prefix": tgt_in}
 
   return tokens_to_logits, {"prefix": prefix}
 

@@ -382,3 +382,18 @@ def test_search_on_a_sharded_fake_cache_equals_unsharded():
                                   beam_search(tokens_to_logits, cache, 8, 3, 6, 0.6)))
   for got, want in zip(jax.tree.leaves(search(sharded)), jax.tree.leaves(search(cache))):
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_translations_never_contain_padding_or_the_start_symbol(beam_size):
+  # A model that prefers PAD_ID and BOS_ID to everything: decoding must still pick other ids.
+  config = tiny_config(dropout_rate=0.0, logits_bias=True)
+  src = random_tokens(jax.random.key(0), (3, 6), config.vocab_size)
+  params = init_params(config, src, src)
+  params["decoder"]["logits_bias"] = params["decoder"]["logits_bias"].at[jnp.array([PAD_ID, BOS_ID])].set(50.0)
+  out = np.asarray(translate(Transformer(config), params, src, beam_size=beam_size, alpha=0.6,
+                             max_extra_len=4))
+  for row in out:
+    ended = np.flatnonzero(row == EOS_ID)
+    generated = row[:ended[0]] if len(ended) else row
+    assert not np.isin(generated, [PAD_ID, BOS_ID]).any(), row

@@ -22,7 +22,8 @@ SRC_LEN, EXTRA = 7, 6
 
 
 def model_and_sources(scale=2.0, **overrides):
-  config = tiny_config(dropout_rate=0.0, layer_norm_epsilon=marian.MARIAN_LAYER_NORM_EPSILON, **overrides)
+  config = tiny_config(dropout_rate=0.0, layer_norm_epsilon=marian.MARIAN_LAYER_NORM_EPSILON,
+                       logits_bias=True, **overrides)
   src = np.array(random_tokens(jax.random.key(1), (6, SRC_LEN), config.vocab_size))
   src[:, -1] = EOS_ID
   src[1, 4:] = [EOS_ID, PAD_ID, PAD_ID]  # A shorter source, padded.
@@ -31,6 +32,10 @@ def model_and_sources(scale=2.0, **overrides):
   # scale > 1: sharper, input-dependent predictions than a fresh initialisation gives (and float
   # rounding amplified accordingly).
   params = jax.tree.map(lambda x: x * scale, params)
+  # A random logits bias, and none of the probability on PAD_ID and BOS_ID, as after training:
+  # our decoding never generates them (decode.never_generated) and generate here is not told to.
+  bias = jax.random.normal(jax.random.key(4), (config.vocab_size,))
+  params["decoder"]["logits_bias"] = bias.at[jnp.array([PAD_ID, BOS_ID])].set(-100.0)
   return Transformer(config), params, src
 
 
@@ -158,3 +163,15 @@ def test_an_exported_run_gives_our_logits(exported):
   # This run's weights are doubled (sharper outputs), which amplifies float32 rounding: about 4e-4
   # on logits of magnitude 10; test_converted_weights_give_marians_logits holds 1e-5 at scale 1.
   np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-3, rtol=1e-4)
+
+
+def test_importing_an_export_gives_back_the_same_parameters(exported):
+  from transformer_jax import evaluate
+  workdir, output = exported
+  run = evaluate.load_run(str(workdir))
+  fields = marian.model_fields(str(output))
+  assert fields["vocab_size"] == run.setup.model_config.vocab_size  # PAD_ID..UNK_ID in place.
+  cfg = dataclasses.replace(run.setup.model_config, logits_bias=True)
+  params = marian.load_params(str(output), cfg)
+  assert not params["decoder"].pop("logits_bias").any()  # Ours has none: exported as zeros.
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), run.params, params)

@@ -23,6 +23,7 @@ POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
 NORM_POSITIONS = ("post", "pre")
 ATTENTION_IMPLS = ("einsum", "dot_product")
 DTYPES = ("float32", "bfloat16")
+ACTIVATIONS = ("relu", "swish", "gelu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,9 @@ class TransformerConfig:
       and loss stay in float32 whatever this is.
     param_dtype: storage dtype of the parameters.
     layer_norm_epsilon: epsilon of every LayerNorm.
+    activation: the feed-forward network's non-linearity: "relu" (section 3.3), or "swish" and
+      "gelu" (exact, erf-based), which published Marian translation models use.
+    logits_bias: a learned bias on the output logits (Marian has one; the paper does not).
   """
 
   vocab_size: int = 37000
@@ -65,6 +69,8 @@ class TransformerConfig:
   dtype: Literal["float32", "bfloat16"] = "float32"
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   layer_norm_epsilon: float = 1e-6
+  activation: Literal["relu", "swish", "gelu"] = "relu"
+  logits_bias: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "d_ff", "num_heads", "num_layers", "max_len"):
@@ -87,6 +93,9 @@ class TransformerConfig:
     check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
     check_choice("dtype", self.dtype, DTYPES)
     check_choice("param_dtype", self.param_dtype, DTYPES)
+    check_choice("activation", self.activation, ACTIVATIONS)
+    if not isinstance(self.logits_bias, bool):
+      raise ConfigError(f"logits_bias={self.logits_bias!r} must be True or False")
     if self.attention_impl == "dot_product" and self.head_dim_k != self.head_dim_v:
       raise ConfigError(
           f"attention_impl='dot_product' needs d_k == d_v, got d_k={self.head_dim_k} and "
@@ -140,6 +149,9 @@ def base_config() -> ml_collections.ConfigDict:
   """
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # A Hugging Face Marian model directory whose weights start training (fine-tuning); its
+  # architecture must be the one config.model describes (configs/marian.py reads it from there).
+  config.init_from = ""
 
   model = TransformerConfig()
   config.model = ml_collections.ConfigDict({
@@ -288,6 +300,8 @@ def validate_run_config(config: ml_collections.ConfigDict) -> TransformerConfig:
   for name in ("adam_b1", "adam_b2", "label_smoothing"):  # In [0, 1).
     if config.train[name] >= 1.0:
       raise ConfigError(f"train.{name}={config.train[name]!r} must be below 1")
+  if not isinstance(config.init_from, str):
+    raise ConfigError(f"init_from={config.init_from!r} must be a directory path or empty")
   check_choice("train.schedule", config.train.schedule, SCHEDULES)
   check_choice("data.tokenizer", config.data.tokenizer, TOKENIZERS)
   check_choice("data.dataset", config.data.dataset, DATASETS)

@@ -265,10 +265,19 @@ def cached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
         {"params": params, "cache": full}, encoded, expand_to_beams(src, copies), tokens,
         decode_index=index, method=Transformer.decode, mutable=["cache"])
     updated = traverse_util.flatten_dict(variables["cache"])
-    return logits[:, 0], traverse_util.unflatten_dict(
+    return never_generated(logits[:, 0]), traverse_util.unflatten_dict(
         {p: x for p, x in updated.items() if p not in encoder_kv})
 
   return tokens_to_logits, self_cache
+
+
+def never_generated(logits: Array) -> Array:
+  """[..., V] logits with PAD_ID and BOS_ID made impossible: a translation never contains them.
+
+  A trained model gives them almost no probability anyway (neither is ever a training target);
+  this makes it a rule, for any weights, as Marian's generation config does for its padding.
+  """
+  return logits.at[..., jnp.array([PAD_ID, BOS_ID])].set(NEG_INF)
 
 
 def check_output_length(model: Transformer, max_len: int):

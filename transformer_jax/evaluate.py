@@ -25,7 +25,7 @@ from transformer_jax import checkpoints, decode, sharding
 from transformer_jax.data import pipeline
 from transformer_jax.errors import CheckpointError, DataError, MissingFileError, UserError, run_command
 from transformer_jax.steps import Setup, make_setup
-from transformer_jax.tokenizer import Tokenizer
+from transformer_jax.tokenizer import MARIAN_TOKENIZER_DIR, MarianVocabTokenizer, Tokenizer, load_run_tokenizer
 
 
 def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
@@ -83,7 +83,7 @@ class Run:
   config: ml_collections.ConfigDict
   setup: Setup
   params: Any
-  tokenizer: Tokenizer
+  tokenizer: Tokenizer | MarianVocabTokenizer
   steps: list[int]  # The checkpoints the parameters come from (several when averaged).
 
   def translate(self, sentences: Sequence[str], *, beam_size: int | None = None,
@@ -119,11 +119,11 @@ def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) ->
   if not os.path.isdir(workdir):
     raise RunError(f"workdir {workdir} does not exist; train a model first "
                    f"(python train.py --workdir {workdir})")
-  tokenizer_path = os.path.join(workdir, "tokenizer.model")
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   steps = sorted(int(p) for p in os.listdir(checkpoint_dir) if p.isdigit()) if os.path.isdir(checkpoint_dir) else []
-  if not steps or not os.path.exists(tokenizer_path):
-    missing = "checkpoints" if not steps else "tokenizer.model"
+  tokenizer = load_run_tokenizer(workdir)
+  if not steps or tokenizer is None:
+    missing = "checkpoints" if not steps else f"tokenizer.model (nor {MARIAN_TOKENIZER_DIR}/)"
     raise RunError(f"workdir {workdir} has no {missing}; is it a training run's workdir?")
   if step is not None and step not in steps:
     raise RunError(f"workdir {workdir} has no checkpoint at step {step}; it has {steps}")
@@ -134,7 +134,6 @@ def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) ->
     config = _explain(checkpoints.restore_config, steps)(manager, used[-1])
     for axis, size in (("data", -1), ("fsdp", 1), ("tensor", 1)):
       config.mesh[axis] = size  # Translate on whatever devices are here.
-    tokenizer = Tokenizer.load(tokenizer_path)
     if tokenizer.vocab_size != config.model.vocab_size:
       raise RunError(f"the tokenizer in {workdir} has {tokenizer.vocab_size} pieces but the "
                      f"checkpoint's model has vocab_size={config.model.vocab_size}")

@@ -20,12 +20,12 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from transformer_jax import evaluate, sharding, trainer
+from transformer_jax import evaluate, marian, sharding, trainer
 from transformer_jax.config import validate_run_config
 from transformer_jax.data import pipeline, sources
-from transformer_jax.errors import DataError
+from transformer_jax.errors import ConfigError, DataError
 from transformer_jax.steps import Setup, evaluate_loss, make_setup
-from transformer_jax.tokenizer import Tokenizer, load_or_train_tokenizer
+from transformer_jax.tokenizer import MARIAN_TOKENIZER_DIR, MarianVocabTokenizer, load_or_train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,12 @@ class Split:
     return [self.raw.examples[int(i)][self.raw.source_lang].decode("utf-8") for i in indices]
 
 
-def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, train_data) -> Tokenizer:
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, train_data):
   """The run's tokenizer: `workdir/tokenizer.model`, trained on the training split (both sides,
-  a seeded sample) by process 0 the first time, and loaded by every process."""
+  a seeded sample) by process 0 the first time, and loaded by every process; or, fine-tuning
+  (`config.init_from`), the Marian model's, copied into `workdir/marian_tokenizer`."""
+  if config.init_from:
+    return _marian_tokenizer(config, workdir)
   path = os.path.join(workdir, "tokenizer.model")
   if jax.process_index() == 0 and not os.path.exists(path):
     examples = train_data.examples
@@ -61,6 +64,20 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, train_data) 
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("tokenizer")
   return load_or_train_tokenizer(path, (), config.model.vocab_size)
+
+
+def _marian_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> MarianVocabTokenizer:
+  path = os.path.join(workdir, MARIAN_TOKENIZER_DIR)
+  if jax.process_index() == 0 and not os.path.isdir(path):
+    MarianVocabTokenizer.load(config.init_from).save(path + ".tmp")
+    os.replace(path + ".tmp", path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("tokenizer")
+  tokenizer = MarianVocabTokenizer.load(path)
+  if tokenizer.vocab_size != config.model.vocab_size:
+    raise ConfigError(f"the tokenizer in {path} has {tokenizer.vocab_size} pieces but "
+                      f"model.vocab_size={config.model.vocab_size}; use a new workdir")
+  return tokenizer
 
 
 def load_split(config: ml_collections.ConfigDict, workdir: str, name: str, tokenizer) -> Split:
@@ -113,7 +130,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpoint (`errors.UserError`).
     NonFiniteError: if training diverged.
   """
-  validate_run_config(config)
+  model_config = validate_run_config(config)
+  if config.init_from:
+    marian.check_architecture(config.init_from, model_config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   setup = make_setup(config)
@@ -140,7 +159,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   stop = trainer.StopRequests(60.0 * config.train.time_budget_minutes)
   try:
-    state = trainer.train(config, workdir, setup, batches, evaluate_validation, stop=stop)
+    initial_params = (lambda: marian.load_params(config.init_from, model_config)) if config.init_from else None
+    state = trainer.train(config, workdir, setup, batches, evaluate_validation, stop=stop,
+                          initial_params=initial_params)
   finally:
     stop.close()
   step = int(jax.device_get(state.step))

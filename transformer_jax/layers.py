@@ -87,8 +87,12 @@ class PositionalEncoding(nn.Module):
     return x + pe.astype(x.dtype)
 
 
+ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish, "gelu": lambda x: nn.gelu(x, approximate=False)}
+
+
 class FeedForward(nn.Module):
-  """Position-wise feed-forward network, section 3.3: max(0, x W1 + b1) W2 + b2."""
+  """Position-wise feed-forward network, section 3.3: max(0, x W1 + b1) W2 + b2, with ReLU
+  (`config.activation` may swap it for swish or GELU)."""
 
   config: TransformerConfig
 
@@ -100,7 +104,7 @@ class FeedForward(nn.Module):
         features, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), name=name)
-    h = nn.relu(dense(cfg.d_ff, ("embed", "mlp"), "wi")(x))  # [B, L, F]
+    h = ACTIVATIONS[cfg.activation](dense(cfg.d_ff, ("embed", "mlp"), "wi")(x))  # [B, L, F]
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     return dense(cfg.d_model, ("mlp", "embed"), "wo")(h)
 

@@ -13,6 +13,11 @@ sinusoidal positions. Two differences matter when weights move between the two:
 - **LayerNorm epsilon**: Marian's is fixed at 1e-5 (ours 1e-6 by default; `model.layer_norm_epsilon`
   sets it), a difference of about 1e-5 in the logits.
 
+Going the other way (`load_params`), a published Marian model (swish activations, a logits
+bias, its own special ids) becomes ours with `model.activation`, `model.logits_bias` and
+`model.layer_norm_epsilon` set (`model_fields`) and its vocabulary reordered so that our fixed
+special ids keep their meaning (`tokenizer.marian_vocabulary_order`).
+
 Shapes: D d_model, N heads, K head size, F d_ff, V vocabulary. Marian stores `nn.Linear` weights
 as [out, in]; ours are einsum kernels [in, ..., out].
 """
@@ -23,7 +28,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -31,7 +35,8 @@ import numpy as np
 
 from transformer_jax.config import TransformerConfig
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from transformer_jax.errors import ConfigError, run_command
+from transformer_jax.errors import CheckpointError, ConfigError, MissingFileError, run_command
+from transformer_jax.tokenizer import MarianVocabTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ def config_kwargs(cfg: TransformerConfig, max_positions: int = 1024) -> dict[str
       vocab_size=cfg.vocab_size, decoder_vocab_size=cfg.vocab_size, d_model=cfg.d_model,
       encoder_layers=cfg.num_layers, decoder_layers=cfg.num_layers,
       encoder_attention_heads=cfg.num_heads, decoder_attention_heads=cfg.num_heads,
-      encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff, activation_function="relu",
+      encoder_ffn_dim=cfg.d_ff, decoder_ffn_dim=cfg.d_ff, activation_function=cfg.activation,
       max_position_embeddings=max_positions, scale_embedding=True,
       dropout=cfg.dropout_rate, attention_dropout=0.0, activation_dropout=0.0,
       share_encoder_decoder_embeddings=True, tie_word_embeddings=True,
@@ -111,7 +116,8 @@ def to_marian(params: Any, cfg: TransformerConfig) -> dict[str, np.ndarray]:
   embedding = f32(params["embed"]["embedding"])[:, perm]
   for name in ("model.shared", "model.encoder.embed_tokens", "model.decoder.embed_tokens", "lm_head"):
     state[f"{name}.weight"] = embedding
-  state["final_logits_bias"] = np.zeros((1, cfg.vocab_size), np.float32)
+  bias = f32(params["decoder"]["logits_bias"]) if cfg.logits_bias else np.zeros(cfg.vocab_size, np.float32)
+  state["final_logits_bias"] = bias[None]
   for i in range(cfg.num_layers):
     p, prefix = params["encoder"][f"layer_{i}"], f"model.encoder.layers.{i}"
     attention(f"{prefix}.self_attn", p["self_attention"])
@@ -127,6 +133,136 @@ def to_marian(params: Any, cfg: TransformerConfig) -> dict[str, np.ndarray]:
     feed_forward(prefix, p["feed_forward"])
     norm(f"{prefix}.final_layer_norm", p["feed_forward_norm"])
   return state
+
+
+def from_marian(state: dict[str, np.ndarray], cfg: TransformerConfig, order: np.ndarray) -> dict:
+  """A MarianMTModel state dict -> our parameter tree: `to_marian` inverted, with the vocabulary
+  rows taken in `order` (Marian's id of each of ours, `tokenizer.marian_vocabulary_order`)."""
+  inverse = np.argsort(position_permutation(cfg.d_model))
+  N, K = cfg.num_heads, cfg.head_dim_k
+  f32 = lambda name: np.asarray(state[name], np.float32)
+
+  def linear_in(prefix: str) -> dict:  # Marian [N*K, D] -> ours [D, N, K].
+    return {"kernel": f32(f"{prefix}.weight").T[inverse].reshape(cfg.d_model, N, K),
+            "bias": f32(f"{prefix}.bias").reshape(N, K)}
+
+  def attention(prefix: str) -> dict:
+    p = {ours: linear_in(f"{prefix}.{theirs}")
+         for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"))}
+    p["out"] = {"kernel": f32(f"{prefix}.out_proj.weight").T[:, inverse].reshape(N, K, cfg.d_model),
+                "bias": f32(f"{prefix}.out_proj.bias")[inverse]}
+    return p
+
+  def norm(prefix: str) -> dict:
+    return {"scale": f32(f"{prefix}.weight")[inverse], "bias": f32(f"{prefix}.bias")[inverse]}
+
+  def feed_forward(prefix: str) -> dict:
+    return {"wi": {"kernel": f32(f"{prefix}.fc1.weight").T[inverse], "bias": f32(f"{prefix}.fc1.bias")},
+            "wo": {"kernel": f32(f"{prefix}.fc2.weight").T[:, inverse],
+                   "bias": f32(f"{prefix}.fc2.bias")[inverse]}}
+
+  shared = f32("model.shared.weight")
+  if "lm_head.weight" in state and not np.array_equal(f32("lm_head.weight"), shared):
+    raise ConfigError("this Marian model's output projection is not its embedding "
+                      "(tie_word_embeddings=False); ours shares one matrix (section 3.4)")
+  params: dict[str, Any] = {"embed": {"embedding": shared[order][:, inverse]}, "encoder": {}, "decoder": {}}
+  for i in range(cfg.num_layers):
+    prefix = f"model.encoder.layers.{i}"
+    params["encoder"][f"layer_{i}"] = {
+        "self_attention": attention(f"{prefix}.self_attn"),
+        "self_attention_norm": norm(f"{prefix}.self_attn_layer_norm"),
+        "feed_forward": feed_forward(prefix), "feed_forward_norm": norm(f"{prefix}.final_layer_norm")}
+    prefix = f"model.decoder.layers.{i}"
+    params["decoder"][f"layer_{i}"] = {
+        "self_attention": attention(f"{prefix}.self_attn"),
+        "self_attention_norm": norm(f"{prefix}.self_attn_layer_norm"),
+        "cross_attention": attention(f"{prefix}.encoder_attn"),
+        "cross_attention_norm": norm(f"{prefix}.encoder_attn_layer_norm"),
+        "feed_forward": feed_forward(prefix), "feed_forward_norm": norm(f"{prefix}.final_layer_norm")}
+  if cfg.logits_bias:
+    params["decoder"]["logits_bias"] = f32("final_logits_bias").reshape(-1)[order]
+  return params
+
+
+_ACTIVATIONS = {"relu": "relu", "swish": "swish", "silu": "swish", "gelu": "gelu"}
+# Model fields a fine-tuning run takes from the Marian model; the others (dropout, dtypes,
+# attention implementation, max_len) are the run's choice.
+ARCHITECTURE_FIELDS = ("vocab_size", "d_model", "d_ff", "num_heads", "d_k", "d_v", "num_layers",
+                       "positional_encoding", "norm_position", "layer_norm_epsilon", "activation",
+                       "logits_bias")
+
+
+def model_fields(directory: str) -> dict[str, Any]:
+  """The `config.model` fields of the Marian model in `directory` (its config.json and tokenizer
+  files), as ours represents it.
+
+  Raises:
+    MissingFileError: if a file is missing.
+    ConfigError: naming what ours cannot represent.
+  """
+  tokenizer = MarianVocabTokenizer.load(directory)
+  with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+    theirs = json.load(f)
+  get = lambda name, default=None: theirs.get(name, default)
+  problems = []
+  for ours, (enc, dec) in (("num_layers", ("encoder_layers", "decoder_layers")),
+                           ("num_heads", ("encoder_attention_heads", "decoder_attention_heads")),
+                           ("d_ff", ("encoder_ffn_dim", "decoder_ffn_dim"))):
+    if get(enc) != get(dec):
+      problems.append(f"{enc}={get(enc)} but {dec}={get(dec)} (ours has one {ours})")
+  if not get("share_encoder_decoder_embeddings", True) or get("decoder_vocab_size") not in (
+      None, get("vocab_size")):
+    problems.append("separate source and target vocabularies (ours shares one, section 3.4)")
+  if not get("scale_embedding", False):
+    problems.append("scale_embedding=False (ours multiplies embeddings by sqrt(d_model))")
+  if get("normalize_before", False):
+    problems.append("normalize_before=True")
+  activation = _ACTIVATIONS.get(get("activation_function", "gelu"))
+  if activation is None:
+    problems.append(f"activation_function={get('activation_function')!r} (ours: relu, swish, gelu)")
+  if problems:
+    raise ConfigError(f"{directory}: this Marian model cannot be imported: " + "; ".join(problems))
+  if get("attention_dropout", 0.0) or get("activation_dropout", 0.0):
+    log.warning("%s: attention and activation dropout (%s, %s) are not applied here; fine-tuning uses "
+                "residual dropout only (model.dropout_rate).", directory, get("attention_dropout"),
+                get("activation_dropout"))
+  return dict(vocab_size=tokenizer.vocab_size, d_model=get("d_model"), d_ff=get("encoder_ffn_dim"),
+              num_heads=get("encoder_attention_heads"), d_k=None, d_v=None,
+              num_layers=get("encoder_layers"), positional_encoding="sinusoidal",
+              norm_position="post", layer_norm_epsilon=MARIAN_LAYER_NORM_EPSILON,
+              activation=activation, logits_bias=True, dropout_rate=float(get("dropout", 0.1)))
+
+
+def check_architecture(directory: str, cfg: TransformerConfig) -> None:
+  """Raises ConfigError, naming the fields, unless `cfg` is the architecture of the Marian model
+  in `directory`."""
+  if not os.path.isdir(directory):
+    raise MissingFileError(f"init_from={directory}: no such directory")
+  expected = model_fields(directory)
+  wrong = [f"model.{k}={getattr(cfg, k)!r} (the model has {expected[k]!r})"
+           for k in ARCHITECTURE_FIELDS if getattr(cfg, k) != expected[k]]
+  if wrong:
+    raise ConfigError(f"init_from={directory} does not fit the model config: {'; '.join(wrong)}; "
+                      f"start from its own (--config configs/marian.py:{directory})")
+
+
+def load_params(directory: str, cfg: TransformerConfig) -> dict[str, np.ndarray]:
+  """The weights of the Marian model in `directory` as our float32 parameter tree for `cfg`.
+
+  Raises:
+    ConfigError: if `cfg` is not the model's architecture (`model_fields`).
+    CheckpointError: if transformers cannot load the weights.
+  """
+  import torch  # The [hf] extra: transformers reads every weight format Marian models ship in.
+  import transformers
+
+  check_architecture(directory, cfg)
+  try:
+    model = transformers.MarianMTModel.from_pretrained(directory, dtype=torch.float32)
+  except (OSError, ValueError, RuntimeError) as e:
+    raise CheckpointError(f"{directory}: transformers cannot load its weights: {e}") from e
+  state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  return from_marian(state, cfg, MarianVocabTokenizer.load(directory).order)
 
 
 def marian_model(params: Any, cfg: TransformerConfig, max_positions: int = 1024):
@@ -149,9 +285,10 @@ def marian_model(params: Any, cfg: TransformerConfig, max_positions: int = 1024)
 def export(workdir: str, output_dir: str, *, average_last: int = 1, step: int | None = None) -> str:
   """Writes a trained run as a directory that `MarianMTModel.from_pretrained` and
   `MarianTokenizer.from_pretrained` load: safetensors weights, config, generation config (the
-  run's beam size; no length penalty, since Marian's divides by |Y|^alpha where ours is GNMT's),
-  and the tokenizer as Marian lays it out (our one SentencePiece model as both `source.spm` and
-  `target.spm`, and a `vocab.json` that maps each piece to our id).
+  run's beam size; no length penalty, since Marian's divides by |Y|^alpha where ours is GNMT's;
+  PAD_ID and BOS_ID never generated, as in `decode.never_generated`), and the tokenizer as Marian
+  lays it out (our one SentencePiece model as both `source.spm` and `target.spm`, or the Marian
+  model's two for a run fine-tuned from one, and a `vocab.json` that maps each piece to our id).
 
   Args:
     workdir: the run's directory.
@@ -176,12 +313,12 @@ def export(workdir: str, output_dir: str, *, average_last: int = 1, step: int | 
   model.generation_config = transformers.GenerationConfig(
       decoder_start_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
       num_beams=int(run.config.decode.beam_size), length_penalty=0.0, early_stopping=False,
-      max_length=max_length, do_sample=False)
+      max_length=max_length, do_sample=False, bad_words_ids=[[PAD_ID], [BOS_ID]])
   os.makedirs(output_dir, exist_ok=True)
   model.save_pretrained(output_dir)
-  tokenizer_path = os.path.join(os.path.abspath(workdir), "tokenizer.model")
-  for name in ("source.spm", "target.spm"):
-    shutil.copyfile(tokenizer_path, os.path.join(output_dir, name))
+  for name, data in run.tokenizer.spm_files().items():
+    with open(os.path.join(output_dir, name), "wb") as f:
+      f.write(data)
   pieces = run.tokenizer.pieces()
   vocab = {piece: i for i, piece in enumerate(pieces)}
   with open(os.path.join(output_dir, "vocab.json"), "w", encoding="utf-8") as f:

@@ -145,6 +145,10 @@ class Decoder(nn.Module):
     if cfg.norm_position == "pre":
       y = layer_norm(cfg, "final_norm")(y)
     logits = self.embed.attend(y)
+    if cfg.logits_bias:
+      bias = self.param("logits_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
+                        (cfg.vocab_size,), cfg.weight_dtype)
+      logits = logits + bias.astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
 

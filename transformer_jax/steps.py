@@ -29,6 +29,7 @@ import optax
 
 from transformer_jax import decode, sharding
 from transformer_jax.config import TransformerConfig
+from transformer_jax.errors import ConfigError
 from transformer_jax.losses import compute_metrics
 from transformer_jax.model import Transformer
 from transformer_jax.optim import learning_rate_schedule, make_optimizer
@@ -105,13 +106,25 @@ class Setup:
 
     return translate
 
-  def init_state(self, seed: int) -> TrainState:
-    """Fresh parameters (from `root_keys(seed)`'s init key) and optimiser state, created directly
-    in their shards."""
+  def init_state(self, seed: int, params: Any = None) -> TrainState:
+    """Fresh parameters (from `root_keys(seed)`'s init key), or the given ones (fine-tuning), and a
+    fresh optimiser state, created directly in their shards.
+
+    Raises:
+      ConfigError: if `params` (host arrays) is not this model's parameter tree.
+    """
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      init = jax.jit(lambda key: nn.meta.unbox(_boxed_state(self.model, self.tx, key)),
-                     out_shardings=self.state_shardings)
-      return init(root_keys(seed)[0])
+      if params is None:
+        init = jax.jit(lambda key: nn.meta.unbox(_boxed_state(self.model, self.tx, key)),
+                       out_shardings=self.state_shardings)
+        return init(root_keys(seed)[0])
+      expected = self.abstract_state().params
+      _check_same_tree(params, expected)
+      params = jax.tree.map(lambda x, s: np.asarray(x, s.dtype), params, expected)
+      start = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                           opt_state=self.tx.init(p)),
+                      out_shardings=self.state_shardings)
+      return start(params)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto this mesh."""
@@ -122,6 +135,20 @@ class Setup:
   def put_batch(self, local: dict[str, np.ndarray]) -> Batch:
     """This process's rows of a batch -> global arrays sharded over the mesh."""
     return sharding.global_batch(local, self.mesh)
+
+
+def _check_same_tree(params: Any, expected: Any) -> None:
+  """Raises ConfigError naming the parameters whose paths or shapes differ."""
+  ours = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  theirs = {jax.tree_util.keystr(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+  problems = [f"{k} missing" for k in theirs if k not in ours]
+  problems += [f"{k} unexpected" for k in ours if k not in theirs]
+  problems += [f"{k} has shape {ours[k]}, the model {theirs[k]}"
+               for k in theirs if k in ours and ours[k] != theirs[k]]
+  if problems:
+    raise ConfigError(f"initial parameters do not fit the model: {'; '.join(problems[:5])}"
+                      + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 
 def _boxed_state(model: Transformer, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:

@@ -107,7 +107,8 @@ def _progress(total: int, initial: int):
 
 def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches,
           evaluate: Callable[[Any, int], dict] | None = None,
-          stop: StopRequests | None = None) -> TrainState:
+          stop: StopRequests | None = None,
+          initial_params: Callable[[], Any] | None = None) -> TrainState:
   """Runs (or resumes) training until `config.train.num_steps`, the time budget, or SIGTERM.
 
   Args:
@@ -119,6 +120,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
       (not after SIGTERM); returns metrics to log under "validation".
     stop: the stop requests to honour, whose `reason` then says why training stopped; by
       default SIGTERM and `train.time_budget_minutes`, counted from this call.
+    initial_params: returns the parameters to start from (fine-tuning) instead of a fresh
+      initialisation; called only when the run has no checkpoint to resume.
 
   Raises:
     NonFiniteError: if a loss or the state became NaN or Inf; nothing non-finite is saved.
@@ -133,7 +136,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
   manager, restored = checkpoints.restore_for_training(workdir, train_cfg, setup)
   iterator = iter(pipeline.make_dataset(batches, num_workers=config.data.num_workers))
   if restored is None:
-    state = setup.init_state(config.seed)
+    state = setup.init_state(config.seed, initial_params() if initial_params else None)
   else:
     state, data_state = restored
     iterator.set_state(data_state)

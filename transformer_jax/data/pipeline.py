@@ -69,7 +69,7 @@ def tokenize_corpus(examples: Sequence[dict], source_lang: str, target_lang: str
   Args:
     examples: random-access examples, each a dict mapping language codes to UTF-8 bytes.
     source_lang, target_lang: the keys of the two sides.
-    tokenizer: a `transformer_jax.tokenizer.Tokenizer`.
+    tokenizer: a `transformer_jax.tokenizer.Tokenizer` (or `MarianVocabTokenizer`).
     cache_path: an .npz file to load from, or to write after tokenizing.
   """
   if cache_path and os.path.exists(cache_path):
@@ -81,7 +81,7 @@ def tokenize_corpus(examples: Sequence[dict], source_lang: str, target_lang: str
   for start in range(0, len(examples), chunk_size):
     chunk = [examples[i] for i in range(start, min(start + chunk_size, len(examples)))]
     for side, lang in (("src", source_lang), ("tgt", target_lang)):
-      ids = tokenizer.encode_batch([ex[lang] for ex in chunk])
+      ids = tokenizer.encode_batch([ex[lang] for ex in chunk], target=side == "tgt")
       lengths = np.fromiter(map(len, ids), np.int64, len(ids))
       chunks[side].append((np.fromiter((t for x in ids for t in x), dtype, int(lengths.sum())), lengths))
   arrays = {}
@@ -100,7 +100,7 @@ def tokenize_corpus(examples: Sequence[dict], source_lang: str, target_lang: str
 
 def corpus_cache_name(dataset: str, split: str, num_examples: int, tokenizer) -> str:
   """A file name that changes whenever the data or the tokenizer does."""
-  digest = hashlib.sha256(tokenizer.model_proto).hexdigest()[:12]
+  digest = hashlib.sha256(tokenizer.fingerprint()).hexdigest()[:12]
   return f"{dataset}-{split}-{num_examples}-{digest}.npz".replace("/", "_")
 
 
