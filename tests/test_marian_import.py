@@ -17,14 +17,13 @@ import pytest
 import sentencepiece as spm
 
 from transformer_jax import BOS_ID, EOS_ID, PAD_ID, Transformer, decode, marian
-from transformer_jax.config import TransformerConfig, load_config_file
+from transformer_jax.config import TransformerConfig
 from transformer_jax.errors import ConfigError, MissingFileError
 from transformer_jax.tokenizer import MarianVocabTokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGLISH = [f"the {a} {b} went to the {c}" for a in ("red", "old", "big") for b in ("cat", "dog")
            for c in ("market", "river", "house")]
 GERMAN = [f"die {a} {b} ging zum {c}" for a in ("rote", "alte", "grosse") for b in ("Katze", "Hund")
@@ -145,14 +144,16 @@ def write_corpus(directory, name, pairs):
 def test_fine_tuning_an_imported_model_lowers_its_loss_and_translates(marian_dir, tmp_path):
   from transformer_jax import evaluate, experiment
   pairs = list(zip(ENGLISH, GERMAN))
-  config = load_config_file(os.path.join(ROOT, "configs", "marian.py"), marian_dir)
+  from test_config import parse  # As train.py's flags read `--config configs/marian.py:DIR`.
+  config = parse(f"marian.py:{marian_dir}", "--config.train.num_steps=24")
   assert config.init_from == marian_dir and config.decode.beam_size == 4
+  assert config.train.num_steps == 24 and config.model.activation == "swish"
   config.data.update(dict(text_train=write_corpus(tmp_path, "train", pairs * 4),
                           text_validation=write_corpus(tmp_path, "dev", pairs[:6]),
                           text_test=write_corpus(tmp_path, "test", pairs[6:10]),
                           max_len=32, tokens_per_batch=256, packing=True,
                           data_dir=str(tmp_path / "tfds")))
-  config.train.update(dict(num_steps=24, warmup_steps=1, learning_rate=3e-3, log_every=4,
+  config.train.update(dict(warmup_steps=1, learning_rate=3e-3, log_every=4,
                            eval_every=10**6, checkpoint_every=12, eval_bleu_sentences=0,
                            samples_to_print=0))
   workdir = tmp_path / "run"
