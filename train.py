@@ -41,10 +41,9 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds are chatty at INFO.
   logging.getLogger("transformer_jax").setLevel(logging.INFO)
-  cpu.keep_cpu_step_memory()  # Before anything starts JAX's backends.
-
   def run() -> None:
     initialize_distributed()
+    cpu.keep_cpu_step_memory()  # CPU backends only; before anything else starts JAX's backends.
     experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
   # A bad value, file or checkpoint is one line naming it (exit 2), not a traceback.

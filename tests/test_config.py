@@ -147,3 +147,11 @@ def test_bad_override_is_caught_before_tracing():
 def test_explicit_d_k_lifts_the_divisibility_requirement():
   config = TransformerConfig(d_model=510, num_heads=8, d_k=64, d_v=64)
   assert config.head_dim_k == 64
+
+
+def test_cudnn_attention_is_refused_without_a_gpu():
+  from transformer_jax import steps
+  from transformer_jax.errors import ConfigError
+  config = parse("small.py", "--config.model.attention_impl=cudnn")
+  with pytest.raises(ConfigError, match="attention_impl='cudnn' needs an NVIDIA GPU.*CPUs"):
+    steps.make_setup(config, jax.devices()[:1])

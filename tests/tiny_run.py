@@ -86,10 +86,10 @@ def main():
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
   from transformer_jax import cpu, steps, trainer
-  cpu.keep_cpu_step_memory()  # As train.py does, before JAX starts its backends.
   if args.coordinator:
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)
+  cpu.keep_cpu_step_memory()  # As train.py does, after jax.distributed and before anything else.
   import numpy as np
 
   config = tiny_run_config(args.steps, args.checkpoint_every)

@@ -159,7 +159,9 @@ class MultiHeadAttention(nn.Module):
     else:
       if heads_major:
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-      out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+      # "dot_product" lets XLA choose (cuDNN's fused kernel where it applies); "cudnn" insists.
+      implementation = "cudnn" if cfg.attention_impl == "cudnn" else None
+      out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     if copies > 1:
       out = out.reshape(out.shape[0] * copies, -1, *out.shape[2:])  # Unfold: [B*K, T, N, H].
 

@@ -21,7 +21,7 @@ from transformer_jax.errors import ConfigError
 
 POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
 NORM_POSITIONS = ("post", "pre")
-ATTENTION_IMPLS = ("einsum", "dot_product")
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")
 DTYPES = ("float32", "bfloat16")
 ACTIVATIONS = ("relu", "swish", "gelu")
 
@@ -43,8 +43,9 @@ class TransformerConfig:
     positional_encoding: "sinusoidal" (section 3.5) or "learned" (Table 3 row E).
     norm_position: "post", LayerNorm(x + Dropout(Sublayer(x))) as in the paper, or "pre",
       x + Dropout(Sublayer(LayerNorm(x))) with a final LayerNorm on each stack.
-    attention_impl: "einsum" (plain, returns attention weights for inspection) or "dot_product"
-      (`jax.nn.dot_product_attention`, which can use cuDNN flash attention on a GPU).
+    attention_impl: "einsum" (plain, returns attention weights for inspection), "dot_product"
+      (`jax.nn.dot_product_attention`, XLA's choice of kernel) or "cudnn" (the same, asking for
+      cuDNN's fused attention explicitly: NVIDIA GPUs only, bfloat16).
     dtype: compute dtype of activations and matmuls ("float32" or "bfloat16"). Logits, softmax
       and loss stay in float32 whatever this is.
     param_dtype: storage dtype of the parameters.
@@ -65,7 +66,7 @@ class TransformerConfig:
   max_len: int = 256
   positional_encoding: Literal["sinusoidal", "learned"] = "sinusoidal"
   norm_position: Literal["post", "pre"] = "post"
-  attention_impl: Literal["einsum", "dot_product"] = "einsum"
+  attention_impl: Literal["einsum", "dot_product", "cudnn"] = "einsum"
   dtype: Literal["float32", "bfloat16"] = "float32"
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   layer_norm_epsilon: float = 1e-6
@@ -96,9 +97,9 @@ class TransformerConfig:
     check_choice("activation", self.activation, ACTIVATIONS)
     if not isinstance(self.logits_bias, bool):
       raise ConfigError(f"logits_bias={self.logits_bias!r} must be True or False")
-    if self.attention_impl == "dot_product" and self.head_dim_k != self.head_dim_v:
+    if self.attention_impl != "einsum" and self.head_dim_k != self.head_dim_v:
       raise ConfigError(
-          f"attention_impl='dot_product' needs d_k == d_v, got d_k={self.head_dim_k} and "
+          f"attention_impl={self.attention_impl!r} needs d_k == d_v, got d_k={self.head_dim_k} and "
           f"d_v={self.head_dim_v}; use attention_impl='einsum' for Table 3 row B")
 
   @property

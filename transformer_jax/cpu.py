@@ -17,22 +17,29 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 
 
 def keep_cpu_step_memory() -> bool:
-  """Lets XLA:CPU reuse a train step's temporary memory instead of faulting it in afresh each step.
+  """Lets XLA:CPU reuse a train step's temporary memory instead of faulting it in afresh each step,
+  when the run's backend is the CPU.
 
   Runs CPU computations on the calling thread (no asynchronous dispatch; the training loop waits
   for each step anyway) and switches glibc's mmap and heap trimming off. Trimming must be off, not
   just rare: a trim threshold below the block's size (a larger batch's block) brings the faults
-  back. The cost: the process keeps its peak heap rather than returning it to the system. On a GPU
-  or TPU host the device computations are unaffected; the glibc settings still apply to the host's
-  memory (data loading, checkpoints).
+  back. The cost: the process keeps its peak heap rather than returning it to the system.
 
-  Call it before JAX initialises its backends (train.py does); once the CPU client exists, its
-  dispatch mode is fixed.
+  On a GPU or TPU host the glibc settings are left alone (the host's memory serves data loading
+  and checkpoints there, and nothing gains from keeping its peak); the dispatch setting applies
+  to the CPU client only, which runs no step there.
+
+  Call it before JAX creates its backends' clients (train.py calls it after jax.distributed's
+  initialisation, which creates none): once the CPU client exists, its dispatch mode is fixed.
+  It creates them, to learn the backend.
 
   Returns:
-    Whether glibc accepted the settings (False where there is no glibc, e.g. macOS).
+    Whether the glibc settings were applied (False on other backends, or where there is no glibc,
+    e.g. macOS).
   """
   jax.config.update("jax_cpu_enable_async_dispatch", False)
+  if jax.default_backend() != "cpu":
+    return False
   try:
     libc = ctypes.CDLL("libc.so.6")
   except OSError:

@@ -137,8 +137,9 @@ class Dropout(nn.Module):
       uniforms = jnp.stack([bits & 0xFFFF, bits >> 16], axis=-1).reshape(x.shape)
     else:
       uniforms = jax.random.bits(key, x.shape, jnp.uint32) >> 16
-    scale = jnp.asarray(2**16 / threshold, x.dtype)
-    return lax.select(uniforms < jnp.uint32(threshold), x * scale, jnp.zeros_like(x))
+    # The scale multiplies in float32: rounded to bfloat16, 1/0.9 would be 1.109375 (-0.16%).
+    kept = (x.astype(jnp.float32) * jnp.float32(2**16 / threshold)).astype(x.dtype)
+    return lax.select(uniforms < jnp.uint32(threshold), kept, jnp.zeros_like(x))
 
 
 def layer_norm(config: TransformerConfig, name: str) -> nn.LayerNorm:
