@@ -155,8 +155,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert f"finished at step {steps[0]}" in output
 
 
-def test_a_checkpoint_saved_on_eight_devices_restores_on_one_and_two(tmp_path):
-  run_tiny(tmp_path / "run", 4, "--dump", str(tmp_path / "saved.npz"), devices=8)
+@pytest.mark.parametrize("fsdp", [1, 8])
+def test_a_checkpoint_saved_on_eight_devices_restores_on_one_and_two(tmp_path, fsdp):
+  # Saved data-parallel or fully sharded (fsdp=8), restored replicated (data=1 and data=2).
+  run_tiny(tmp_path / "run", 4, "--dump", str(tmp_path / "saved.npz"), "--fsdp", str(fsdp), devices=8)
   saved = load_dump(tmp_path / "saved.npz")
   for n in (1, 2):
     config, setup = tiny_setup(devices=jax.devices()[:n])

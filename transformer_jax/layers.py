@@ -58,7 +58,12 @@ class SharedEmbedding(nn.Module):
   def __call__(self, tokens: Array) -> Array:
     """[B, L] int tokens -> [B, L, D] embeddings times sqrt(d_model), in the compute dtype."""
     cfg = self.config
-    x = jnp.take(jnp.asarray(self.embedding), tokens, axis=0)
+    # The table is gathered over its "embed" split (as FSDP gathers every weight before use) and
+    # stays split over "vocab": each chip looks up the rows it holds and the partial results are
+    # summed. Left to itself, XLA keeps the lookup's output split like the table's embed axis and
+    # then rematerialises it in full on every chip to split it by batch.
+    table = nn.with_logical_constraint(jnp.asarray(self.embedding), ("vocab", None))
+    x = nn.with_logical_constraint(jnp.take(table, tokens, axis=0), ("batch", "length", "embed"))
     return (x * jnp.sqrt(jnp.float32(cfg.d_model)).astype(x.dtype)).astype(cfg.compute_dtype)
 
   def attend(self, x: Array) -> Array:
