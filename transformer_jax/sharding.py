@@ -16,6 +16,8 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from transformer_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # The batch is split over both; `tensor` holds replicas of it.
 
@@ -24,19 +26,19 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices: list | None = Non
   """A mesh of shape (data, fsdp, tensor) from the config; one size may be -1 (the rest).
 
   Raises:
-    ValueError: if the sizes do not multiply to the number of devices.
+    ConfigError: if the sizes do not multiply to the number of devices.
   """
   devices = jax.devices() if devices is None else devices
   sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
   if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    raise ConfigError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
   if -1 in sizes:
     known = int(np.prod([s for s in sizes if s != -1]))
     if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not split into mesh {dict(zip(MESH_AXES, sizes))}")
+      raise ConfigError(f"{len(devices)} devices do not split into mesh {dict(zip(MESH_AXES, sizes))}")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                      f"there are {len(devices)}")
   # Auto axes: XLA propagates shardings from the ones we constrain (parameters, batch, activations).
   return jax.make_mesh(tuple(sizes), MESH_AXES, devices=devices,

@@ -89,16 +89,21 @@ class Setup:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self.jit_eval_step(params, batch)
 
+  def jit_translate_fn(self, beam_size: int, alpha: float, max_extra_len: int):
+    """The jax.jit object behind `translate_fn` (one per setting), to call inside the mesh and
+    the rules, or to lower ahead of time."""
+    key = (beam_size, float(alpha), max_extra_len)
+    if key not in self._translate_fns:
+      self._translate_fns[key] = decode.make_translate_fn(self.model, beam_size, alpha, max_extra_len)
+    return self._translate_fns[key]
+
   def translate_fn(self, beam_size: int, alpha: float, max_extra_len: int
                    ) -> Callable[[Any, jax.Array], jax.Array]:
     """`decode.translate` jitted for this setup: `(params, src [B, S]) -> tokens [B, S + extra]`,
     run inside the mesh and the logical axis rules (so the model's sharding constraints hold while
     decoding too). Built once per (beam_size, alpha, max_extra_len) and reused; XLA compiles it
     once per source shape."""
-    key = (beam_size, float(alpha), max_extra_len)
-    if key not in self._translate_fns:
-      self._translate_fns[key] = decode.make_translate_fn(self.model, beam_size, alpha, max_extra_len)
-    jitted = self._translate_fns[key]
+    jitted = self.jit_translate_fn(beam_size, alpha, max_extra_len)
 
     def translate(params: Any, src: jax.Array) -> jax.Array:
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
