@@ -146,7 +146,7 @@ def main():
                       help="steps per round; 0: 3 for small and on accelerators, 1 for base/big on a CPU")
   parser.add_argument("--batch", default="", help="ROWSxLENGTH per side, for every size (default: per size)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--attention_impl", default="einsum", choices=("einsum", "dot_product"))
+  parser.add_argument("--attention_impl", default="einsum", choices=("einsum", "dot_product", "cudnn"))
   parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
   parser.add_argument("--torch_stock", action="store_true",
                       help="keep nn.Transformer's attention/feed-forward dropout and final norms")

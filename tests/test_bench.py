@@ -86,3 +86,18 @@ def test_decode_benchmark_times_ours_and_hugging_face_on_the_same_weights():
       assert any(line.startswith(f"{search:<10}{decoder} ") for line in lines), out
   assert "greedy: translations identical to HF generate's: 2/2" in out
   assert "beam 2: translations identical to HF generate's: 2/2" in out
+
+
+def test_the_gpu_check_runs_every_part_at_tiny_sizes(tmp_path):
+  # On a CPU the cudnn parts are left out; on a GPU the same commands run at full size.
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable}
+  env.pop("XLA_FLAGS", None)
+  done = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  parts = {p.name: p.read_text() for p in tmp_path.glob("*.txt")}
+  assert set(parts) == {"devices.txt", "train_step.txt", "train_step_dot_product.txt", "attention.txt",
+                        "decode.txt"}
+  failed = [name for name, text in parts.items() if "exit status" in text]
+  assert not failed, {name: parts[name][-2000:] for name in failed}
+  assert "paper schedule" in parts["train_step.txt"] and (tmp_path / "attention.png").exists()
