@@ -106,6 +106,7 @@ class Report:
   temporaries: int
   code: int
   state: int  # Of the arguments: parameters and optimiser state (train) or parameters (decode).
+  batch: int  # Of the arguments: the batch (train) or the sources (decode).
   flops: float | None  # The compiler's, per device.
   model_flops: float | None  # flops.py's, per device.
 
@@ -121,7 +122,7 @@ def _shard_bytes(tree: Any) -> int:
              for x in jax.tree.leaves(tree))
 
 
-def _report(name: str, lowered, state: Any, model_flops: float | None, devices: int) -> Report:
+def _report(name: str, lowered, state: Any, batch: Any, model_flops: float | None, devices: int) -> Report:
   start = time.perf_counter()
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
@@ -131,7 +132,7 @@ def _report(name: str, lowered, state: Any, model_flops: float | None, devices: 
   flops_ = float(cost["flops"]) if cost and "flops" in cost else None
   return Report(name, seconds, memory.argument_size_in_bytes, memory.output_size_in_bytes,
                 memory.alias_size_in_bytes, memory.temp_size_in_bytes,
-                memory.generated_code_size_in_bytes, _shard_bytes(state), flops_,
+                memory.generated_code_size_in_bytes, _shard_bytes(state), _shard_bytes(batch), flops_,
                 None if model_flops is None else model_flops / devices)
 
 
@@ -147,7 +148,7 @@ def compile_train_step(config: ml_collections.ConfigDict, setup: Setup) -> Repor
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
     lowered = setup.jit_train_step.trace(state, batch, key).lower()
   model = flops.train_step_flops(setup.model_config, rows, length, length)
-  return _report(f"train step ({rows} x {length} tokens a side)", lowered, state, model,
+  return _report(f"train step ({rows} x {length} tokens a side)", lowered, state, batch, model,
                  setup.mesh.devices.size)
 
 
@@ -160,7 +161,7 @@ def compile_decode(config: ml_collections.ConfigDict, setup: Setup) -> Report:
   translate = setup.jit_translate_fn(beam, float(config.decode.length_penalty), int(config.decode.max_extra_len))
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
     lowered = translate.trace(params, src).lower()
-  return _report(f"decode (beam {beam}, {rows} sources of {length} tokens)", lowered, params, None,
+  return _report(f"decode (beam {beam}, {rows} sources of {length} tokens)", lowered, params, src, None,
                  setup.mesh.devices.size)
 
 
@@ -247,7 +248,8 @@ def largest_batch(config: ml_collections.ConfigDict, devices: list, memory: int,
 
 def format_report(report: Report, memory: int | None) -> str:
   lines = [f"{report.name}: compiled in {report.seconds:.1f} s",
-           f"  per device: state {report.state / GIB:.3f} GiB, arguments {report.arguments / GIB:.3f} GiB, "
+           f"  per device: arguments {report.arguments / GIB:.3f} GiB (state {report.state / GIB:.3f}, "
+           f"batch {report.batch / 2**20:.1f} MiB), "
            f"temporaries {report.temporaries / GIB:.3f} GiB, code {report.code / GIB:.3f} GiB, "
            f"outputs not aliased {(report.outputs - report.aliased) / GIB:.3f} GiB",
            f"  total {report.total / GIB:.3f} GiB"
