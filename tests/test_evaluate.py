@@ -2,6 +2,7 @@
 
 import io
 import json
+import math
 import pathlib
 import sys
 
@@ -24,6 +25,23 @@ def test_scores_equal_sacrebleus_own():
   assert "tok:13a" in scores["bleu_signature"] and "case:mixed" in scores["bleu_signature"]
   with pytest.raises(ValueError, match="3 hypotheses for 2 references"):
     evaluate.score(HYPOTHESES, REFERENCES[:2])
+
+
+def test_tokenized_bleu_is_the_papers_recipe_computed_by_hand():
+  # Moses splits "groß." into "groß ." and keeps "Hotel-Zimmer" whole; the compound split makes it
+  # "Hotel ##AT##-##AT## Zimmer". Then 7 tokens a side: 1-grams 6/7, 2-grams 4/6, 3-grams 2/5,
+  # 4-grams 1/4, no brevity penalty.
+  hypothesis, reference = ["Das Hotel-Zimmer ist groß."], ["Das Hotel-Zimmer war groß."]
+  expected = 100 * (6 / 7 * 4 / 6 * 2 / 5 * 1 / 4) ** 0.25
+  assert evaluate.tokenized_bleu(hypothesis, reference, "de") == pytest.approx(expected, abs=1e-9)
+  # Unsplit (5 tokens: no 3-gram in common), unsmoothed BLEU would be 0; sacreBLEU differs again.
+  assert evaluate.score(hypothesis, reference, "de")["bleu_tokenized"] == pytest.approx(expected)
+  assert evaluate.score(hypothesis, reference)["bleu"] != pytest.approx(expected)
+  # "a-b-c" splits as the script's regular expression does (non-overlapping): once, then "b-c".
+  assert evaluate.COMPOUND.sub(r"\1 ##AT##-##AT## \2", "a-b-c") == "a ##AT##-##AT## b-c"
+  assert evaluate.tokenized_bleu(["x y z w"], ["x y z w"], "en") == pytest.approx(100.0)
+  # Brevity penalty, as multi-bleu.perl: 4 of 5 reference tokens, all matching.
+  assert evaluate.tokenized_bleu(["a b c d"], ["a b c d e"], "en") == pytest.approx(100 * math.exp(1 - 5 / 4))
 
 
 SENTENCES = [f"the {a} {b} went to the {c}" for a in ("red", "old", "big") for b in ("cat", "dog")

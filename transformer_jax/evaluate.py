@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -28,20 +29,46 @@ from transformer_jax.steps import Setup, make_setup
 from transformer_jax.tokenizer import MARIAN_TOKENIZER_DIR, MarianVocabTokenizer, Tokenizer, load_run_tokenizer
 
 
-def score(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
-  """Corpus BLEU (cased, 13a) and chrF of detokenized `hypotheses` against raw `references`."""
+def score(hypotheses: Sequence[str], references: Sequence[str], target_lang: str | None = None
+          ) -> dict[str, Any]:
+  """Corpus BLEU (cased, 13a) and chrF of detokenized `hypotheses` against raw `references`, and,
+  given the target language, the paper's tokenized BLEU (`tokenized_bleu`) as "bleu_tokenized"."""
   if len(hypotheses) != len(references):
     raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
   bleu = sacrebleu.metrics.BLEU(tokenize="13a", lowercase=False)
   chrf = sacrebleu.metrics.CHRF()
   bleu_score = bleu.corpus_score(list(hypotheses), [list(references)])
   chrf_score = chrf.corpus_score(list(hypotheses), [list(references)])
-  return {
+  scores = {
       "bleu": bleu_score.score,
       "chrf": chrf_score.score,
       "bleu_signature": str(bleu.get_signature()),
       "chrf_signature": str(chrf.get_signature()),
   }
+  if target_lang:
+    scores["bleu_tokenized"] = tokenized_bleu(hypotheses, references, target_lang)
+  return scores
+
+
+def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: str) -> float:
+  """BLEU as the paper's Table 2 reports it (tensor2tensor's get_ende_bleu.sh): both sides
+  Moses-tokenized (tokenizer.perl -l LANG, via sacremoses), hyphenated compounds split
+  ("Hotel-Zimmer" -> "Hotel ##AT##-##AT## Zimmer"), then multi-bleu.perl's cased corpus BLEU (no
+  smoothing). Not comparable with sacreBLEU: the same output reads about 1 to 1.5 higher here
+  (tensor2tensor's base model: 27.5 sacreBLEU, 29.0 this way)."""
+  from sacremoses import MosesTokenizer
+
+  tokenizer = MosesTokenizer(lang=lang)
+
+  def prepare(text: str) -> str:
+    tokens = tokenizer.tokenize(text, return_str=True)
+    return COMPOUND.sub(r"\1 ##AT##-##AT## \2", tokens)
+
+  bleu = sacrebleu.metrics.BLEU(tokenize="none", smooth_method="none", force=True)
+  return bleu.corpus_score([prepare(h) for h in hypotheses], [[prepare(r) for r in references]]).score
+
+
+COMPOUND = re.compile(r"(\S)-(\S)")  # get_ende_bleu.sh's s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g
 
 
 def translate_corpus(setup: Setup, params: Any, corpus: pipeline.TokenizedCorpus,
@@ -234,7 +261,7 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
       references = [split.examples[i][split.target_lang].decode() for i in range(len(split.examples))]
       name = args.split
     hypotheses = run.translate(sources, beam_size=args.beam_size, alpha=args.alpha)
-    scores = score(hypotheses, references)
+    scores = score(hypotheses, references, run.config.data.target_lang)
     scores.update(sentences=len(sources), checkpoints=run.steps,
                   beam_size=args.beam_size or run.config.decode.beam_size)
     output_dir = os.path.abspath(args.output_dir or args.workdir)
@@ -243,8 +270,10 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
       f.writelines(h + "\n" for h in hypotheses)
     with open(os.path.join(output_dir, f"{name}.scores.json"), "w") as f:
       json.dump(scores, f, indent=2)
-    print(f"{name}: sacreBLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  "
-          f"({len(sources)} sentences, checkpoints {run.steps})\n{scores['bleu_signature']}\n"
+    print(f"{name}: sacreBLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  tokenized BLEU "
+          f"{scores['bleu_tokenized']:.2f} (the paper's recipe: Moses tokens, compounds split; not "
+          f"comparable with sacreBLEU)  ({len(sources)} sentences, checkpoints {run.steps})\n"
+          f"{scores['bleu_signature']}\n"
           f"{scores['chrf_signature']}\nwritten to {output_dir}")
     return 0
 

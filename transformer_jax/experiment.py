@@ -107,7 +107,7 @@ def translation_metrics(setup: Setup, params: Any, config: ml_collections.Config
       tokens_per_batch=config.data.tokens_per_batch, max_len=config.data.max_len,
       beam_size=config.decode.beam_size if beam_size is None else beam_size,
       alpha=config.decode.length_penalty, max_extra_len=config.decode.max_extra_len)
-  return evaluate.score(hypotheses, split.references(indices)), hypotheses
+  return evaluate.score(hypotheses, split.references(indices), split.raw.target_lang), hypotheses
 
 
 def eval_batches(config: ml_collections.ConfigDict, setup: Setup, split: Split) -> pipeline.EpochBatches:
@@ -183,7 +183,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
       json.dump(metrics, f, indent=2)
     print(f"\nTest ({test.raw.name}, {len(test.indices)} sentences, beam {config.decode.beam_size}): "
-          f"sacreBLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}, loss {metrics['loss']:.3f}, "
+          f"sacreBLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}, tokenized BLEU "
+          f"{scores['bleu_tokenized']:.1f} (the paper's recipe, not comparable with sacreBLEU), "
+          f"loss {metrics['loss']:.3f}, "
           f"perplexity {metrics['perplexity']:.2f}\n  {scores['bleu_signature']}")
     for source, hypothesis, reference in list(zip(test.sources(test.indices), hypotheses,
                                                   test.references()))[:config.train.samples_to_print]:
