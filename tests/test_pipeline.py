@@ -143,3 +143,29 @@ def test_tokenize_corpus_round_trips_and_caches(tmp_path):
     assert tokenizer.decode(corpus.target(i)) == text[i]["de"].decode()
   again = pipeline.tokenize_corpus([], "en", "de", tokenizer, cache_path=str(cache))
   np.testing.assert_array_equal(again.tgt, corpus.tgt)
+  # Memory-mapped from the cache's .npy files, not read into memory.
+  assert all(isinstance(getattr(again, k), np.memmap) for k in pipeline.CORPUS_ARRAYS)
+  assert not again.src.flags.writeable
+  import pickle
+  shipped = pickle.dumps(again)  # As grain sends it to a worker process: file names, not tokens.
+  assert len(shipped) < 1000 < again.src.nbytes + again.src_offsets.nbytes
+  np.testing.assert_array_equal(pickle.loads(shipped).src, corpus.src)
+
+
+def test_batches_from_the_mapped_cache_equal_batches_from_arrays_in_memory(tmp_path):
+  import tiny_run
+  corpus = tiny_run.fake_corpus()
+  cache = tmp_path / "cache"
+  (tmp_path / "cache.tmp").mkdir()
+  for name in pipeline.CORPUS_ARRAYS:
+    np.save(tmp_path / "cache.tmp" / f"{name}.npy", getattr(corpus, name))
+  (tmp_path / "cache.tmp").rename(cache)
+  mapped = pipeline.load_corpus_cache(str(cache))
+  indices, _ = pipeline.keep_indices(corpus, 32)
+  for packing in (False, True):
+    make = lambda c: pipeline.EpochBatches(c, indices, tokens_per_batch=256, max_len=32, packing=packing,
+                                           seed=3, shuffle=True, num_epochs=None, multiple_of=2)
+    in_memory, from_disk = make(corpus), make(mapped)
+    for k in (0, 5, len(in_memory.plan(0)) + 2):  # Into the second epoch too.
+      a, b = in_memory[k], from_disk[k]
+      assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)

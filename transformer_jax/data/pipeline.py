@@ -4,8 +4,10 @@ Section 5.1: "Sentence pairs were batched together by approximate sequence lengt
 batch contained a set of sentence pairs containing approximately 25000 source tokens and 25000
 target tokens."
 
-How it works. The corpus is tokenized once and kept as flat token arrays (cached on disk), so a
-batch is a few array slices and tokenization never slows training. A *batch plan* decides, per
+How it works. The corpus is tokenized once and kept as flat token arrays, cached on disk as .npy
+files that every later run memory-maps (a host's memory does not grow with the corpus: the pages
+a batch touches are read, and the kernel may drop them again), so a batch is a few array slices
+and tokenization never slows training. A *batch plan* decides, per
 epoch and from the seed alone, which examples go in which batch: examples are bucketed by length
 and each bucket is cut into batches of `tokens_per_batch // bucket_length` rows; or, with packing,
 examples are packed first-fit into rows of `max_len` tokens. grain reads the plan as a random-access
@@ -23,6 +25,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import shutil
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -33,6 +36,7 @@ from transformer_jax.constants import PAD_ID
 from transformer_jax.errors import DataError
 
 Batch = dict[str, np.ndarray]
+CORPUS_ARRAYS = ("src", "src_offsets", "tgt", "tgt_offsets")  # TokenizedCorpus's fields, in order.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +65,23 @@ class TokenizedCorpus:
   def target(self, i: int) -> np.ndarray:
     return self.tgt[self.tgt_offsets[i]:self.tgt_offsets[i + 1]]
 
+  def __reduce__(self):
+    # Memory-mapped arrays travel (to grain's worker processes) as their file names, not as copies.
+    files = [getattr(getattr(self, k), "filename", None) for k in CORPUS_ARRAYS]
+    if all(files):
+      return _map_files, tuple(files)
+    return TokenizedCorpus, tuple(getattr(self, k) for k in CORPUS_ARRAYS)
+
+
+def _map_files(*files: str) -> TokenizedCorpus:
+  return TokenizedCorpus(*(np.load(f, mmap_mode="r") for f in files))
+
+
+def load_corpus_cache(cache_path: str) -> TokenizedCorpus:
+  """A tokenized corpus cache (a directory of .npy files), memory-mapped read-only."""
+  return TokenizedCorpus(**{k: np.load(os.path.join(cache_path, f"{k}.npy"), mmap_mode="r")
+                            for k in CORPUS_ARRAYS})
+
 
 def tokenize_corpus(examples: Sequence[dict], source_lang: str, target_lang: str, tokenizer, *,
                     cache_path: str | None = None, chunk_size: int = 4096) -> TokenizedCorpus:
@@ -70,11 +91,11 @@ def tokenize_corpus(examples: Sequence[dict], source_lang: str, target_lang: str
     examples: random-access examples, each a dict mapping language codes to UTF-8 bytes.
     source_lang, target_lang: the keys of the two sides.
     tokenizer: a `transformer_jax.tokenizer.Tokenizer` (or `MarianVocabTokenizer`).
-    cache_path: an .npz file to load from, or to write after tokenizing.
+    cache_path: a directory to memory-map the arrays from, or to write them to (atomically) after
+      tokenizing and then map.
   """
-  if cache_path and os.path.exists(cache_path):
-    with np.load(cache_path) as f:
-      return TokenizedCorpus(**{k: f[k] for k in ("src", "src_offsets", "tgt", "tgt_offsets")})
+  if cache_path and os.path.isdir(cache_path):
+    return load_corpus_cache(cache_path)
   dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max else np.int32
   # Chunks become numpy arrays at once: Python lists of WMT's ~270M tokens would need >10 GB.
   chunks = {"src": [], "tgt": []}
@@ -89,19 +110,24 @@ def tokenize_corpus(examples: Sequence[dict], source_lang: str, target_lang: str
     lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
     arrays[side + "_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     arrays[side] = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, dtype)
-  corpus = TokenizedCorpus(**arrays)
-  if cache_path:
-    os.makedirs(os.path.dirname(cache_path) or ".", exist_ok=True)
-    tmp = f"{cache_path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, cache_path)
-  return corpus
+  if not cache_path:
+    return TokenizedCorpus(**arrays)
+  tmp = f"{cache_path}.tmp-{os.getpid()}"
+  os.makedirs(tmp, exist_ok=True)
+  for name, array in arrays.items():
+    np.save(os.path.join(tmp, f"{name}.npy"), array)
+  del arrays
+  try:
+    os.replace(tmp, cache_path)  # A directory appears whole, or not at all.
+  except OSError:  # Another process wrote the same cache first: theirs is as good.
+    shutil.rmtree(tmp, ignore_errors=True)
+  return load_corpus_cache(cache_path)
 
 
 def corpus_cache_name(dataset: str, split: str, num_examples: int, tokenizer) -> str:
   """A file name that changes whenever the data or the tokenizer does."""
   digest = hashlib.sha256(tokenizer.fingerprint()).hexdigest()[:12]
-  return f"{dataset}-{split}-{num_examples}-{digest}.npz".replace("/", "_")
+  return f"{dataset}-{split}-{num_examples}-{digest}".replace("/", "_")
 
 
 def bucket_boundaries(max_len: int) -> list[int]:
