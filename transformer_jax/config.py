@@ -218,6 +218,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.tokens_per_batch = 25_000  # Source tokens, and as many target tokens (5.1).
   config.data.packing = False  # Pack several examples into one row instead of padding.
   config.data.num_workers = 0  # grain worker processes; 0 reads in the training process.
+  # Multi-process runs: process 0 prepares and tokenizes each split; the others wait this long.
+  config.data.prepare_timeout_minutes = 240.0
 
   config.decode = ml_collections.ConfigDict()
   config.decode.beam_size = 4  # Section 6.1.
@@ -273,6 +275,7 @@ _RUN_FIELDS = {
     "data.max_len": (_INT, 2, False),
     "data.tokens_per_batch": (_INT, 1, False),
     "data.num_workers": (_INT, 0, False),
+    "data.prepare_timeout_minutes": (_FLOAT, 0.0, True),
     "decode.beam_size": (_INT, 1, False),
     "decode.length_penalty": (_FLOAT, 0.0, False),
     "decode.max_extra_len": (_INT, 0, False),

@@ -18,9 +18,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
-from transformer_jax import evaluate, marian, sharding, trainer
+from transformer_jax import evaluate, hosts, marian, sharding, trainer
 from transformer_jax.config import validate_run_config
 from transformer_jax.data import pipeline, sources
 from transformer_jax.errors import ConfigError, DataError
@@ -54,25 +53,31 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, train_data):
   if config.init_from:
     return _marian_tokenizer(config, workdir)
   path = os.path.join(workdir, "tokenizer.model")
-  if jax.process_index() == 0 and not os.path.exists(path):
+
+  def train() -> None:
+    if os.path.exists(path):
+      return
     examples = train_data.examples
     order = np.random.default_rng(config.seed).permutation(len(examples))
     order = order[:max(1, config.data.tokenizer_max_sentences // 2)]
     sentences = (examples[int(i)][lang] for i in order for lang in (train_data.source_lang, train_data.target_lang))
     load_or_train_tokenizer(path, sentences, config.model.vocab_size, model_type=config.data.tokenizer,
                             max_sentences=config.data.tokenizer_max_sentences, seed=config.seed)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("tokenizer")
+
+  hosts.once("the tokenizer", train, after=lambda: None,
+             timeout_minutes=config.data.prepare_timeout_minutes)
   return load_or_train_tokenizer(path, (), config.model.vocab_size)
 
 
 def _marian_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> MarianVocabTokenizer:
   path = os.path.join(workdir, MARIAN_TOKENIZER_DIR)
-  if jax.process_index() == 0 and not os.path.isdir(path):
-    MarianVocabTokenizer.load(config.init_from).save(path + ".tmp")
-    os.replace(path + ".tmp", path)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices("tokenizer")
+
+  def copy() -> None:
+    if not os.path.isdir(path):
+      MarianVocabTokenizer.load(config.init_from).save(path + ".tmp")
+      os.replace(path + ".tmp", path)
+
+  hosts.once("the tokenizer", copy, after=lambda: None, timeout_minutes=config.data.prepare_timeout_minutes)
   tokenizer = MarianVocabTokenizer.load(path)
   if tokenizer.vocab_size != config.model.vocab_size:
     raise ConfigError(f"the tokenizer in {path} has {tokenizer.vocab_size} pieces but "
@@ -81,11 +86,22 @@ def _marian_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> Marian
 
 
 def load_split(config: ml_collections.ConfigDict, workdir: str, name: str, tokenizer) -> Split:
-  raw = sources.load_split(config.data, name)
-  cache = os.path.join(workdir, "cache", pipeline.corpus_cache_name(
-      f"{raw.name}-{raw.source_lang}-{raw.target_lang}", name, len(raw.examples), tokenizer))
-  corpus = pipeline.tokenize_corpus(raw.examples, raw.source_lang, raw.target_lang, tokenizer,
-                                    cache_path=cache)
+  """A split, prepared (tfds) and tokenized (cached in `workdir/cache`) by process 0 while the
+  other processes wait, then read by all."""
+
+  def prepare() -> tuple[Any, pipeline.TokenizedCorpus]:
+    raw = sources.load_split(config.data, name)
+    cache = os.path.join(workdir, "cache", pipeline.corpus_cache_name(
+        f"{raw.name}-{raw.source_lang}-{raw.target_lang}", name, len(raw.examples), tokenizer))
+    if not os.path.isdir(cache):
+      if jax.process_index() > 0:
+        log.warning("%s is not where process 0 wrote it (is the workdir shared?): tokenizing here too.", cache)
+      log.info("%s: tokenizing %d examples into %s.", name, len(raw.examples), cache)
+    corpus = pipeline.tokenize_corpus(raw.examples, raw.source_lang, raw.target_lang, tokenizer,
+                                      cache_path=cache)
+    return raw, corpus
+
+  raw, corpus = hosts.once(f"the {name} split", prepare, timeout_minutes=config.data.prepare_timeout_minutes)
   indices, dropped = pipeline.keep_indices(corpus, config.data.max_len)
   log.info("%s: %d examples, %d longer than %d tokens dropped.", name, len(indices), dropped,
                config.data.max_len)
@@ -138,7 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   setup = make_setup(config)
   log.info("Mesh %s over %d devices (%d processes).", dict(setup.mesh.shape), jax.device_count(),
                jax.process_count())
-  train_raw = sources.load_split(config.data, "train")
+  train_raw = hosts.once("the train split's text", lambda: sources.load_split(config.data, "train"),
+                         timeout_minutes=config.data.prepare_timeout_minutes)
   tokenizer = load_tokenizer(config, workdir, train_raw)
   train_split = load_split(config, workdir, "train", tokenizer)
   validation = load_split(config, workdir, "validation", tokenizer)
