@@ -224,10 +224,10 @@ def largest_batch(config: ml_collections.ConfigDict, devices: list, memory: int,
     slope = (totals[u1] - totals[u0]) / (u1 - u0)
     return u0 + int((memory - totals[u0]) // slope) if slope > 0 else 2 * u1
 
+  guess = max(2, int(config.data.tokens_per_batch) // unit)  # The config's own batch next.
   measure(1)
   if not fitting:
     return 0, None
-  guess = max(2, int(config.data.tokens_per_batch) // unit)
   for _ in range(20):
     measure(guess)
     low = max(fitting)
