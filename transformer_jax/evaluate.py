@@ -91,7 +91,7 @@ def translate_corpus(setup: Setup, params: Any, corpus: pipeline.TokenizedCorpus
     tokens = translate(params, src)
     tokens = (np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
               if jax.process_count() > 1 else np.asarray(jax.device_get(tokens)))
-    for row, (i,) in enumerate(plan.rows[k]):
+    for row, (i,) in enumerate(plan.batch_rows(k)):
       output[i] = tokenizer.decode(tokens[row])
   return [output[int(i)] for i in indices]
 

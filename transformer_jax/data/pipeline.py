@@ -148,19 +148,36 @@ def round_down(value: int, multiple: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BatchPlan:
-  """Which examples make up each batch of one epoch.
+  """Which examples make up each batch of one epoch, as arrays (an epoch of 40M examples is a few
+  hundred MB of int64 and is planned in seconds).
 
-  `rows[b]` lists batch b's rows; each row is a tuple of example indices (one example, or several
-  when packed). `lengths[b]` is the row length L of batch b and `sizes[b]` its number of rows n,
-  padding rows included (every batch of a bucket has the same shape, so few shapes compile).
+  Batch b is rows `batch_starts[b]` to `batch_starts[b + 1] - 1`; row r holds the examples
+  `examples[row_starts[r]:row_starts[r + 1]]` (several when packed), or `examples[r]` alone when
+  `row_starts` is None. `lengths[b]` is the row length L of batch b and `sizes[b]` its number of
+  rows n, padding rows included (every batch of a bucket has the same shape, so few shapes compile).
   """
 
-  rows: list[list[tuple[int, ...]]]
-  lengths: list[int]
-  sizes: list[int]
+  examples: np.ndarray
+  batch_starts: np.ndarray
+  lengths: np.ndarray
+  sizes: np.ndarray
+  row_starts: np.ndarray | None = None
 
   def __len__(self) -> int:
-    return len(self.rows)
+    return len(self.lengths)
+
+  def batch_rows(self, b: int) -> list[tuple[int, ...]]:
+    """Batch b's rows, each a tuple of example indices."""
+    first, last = int(self.batch_starts[b]), int(self.batch_starts[b + 1])
+    if self.row_starts is None:
+      return [(int(i),) for i in self.examples[first:last]]
+    starts = self.row_starts[first:last + 1]
+    return [tuple(int(i) for i in self.examples[starts[r]:starts[r + 1]]) for r in range(last - first)]
+
+  @property
+  def rows(self) -> list[list[tuple[int, ...]]]:
+    """Every batch's rows (for inspection; `batch_rows` reads one batch)."""
+    return [self.batch_rows(b) for b in range(len(self))]
 
 
 def keep_indices(corpus: TokenizedCorpus, max_len: int) -> tuple[np.ndarray, int]:
@@ -180,24 +197,36 @@ def plan_bucketed(corpus: TokenizedCorpus, indices: np.ndarray, tokens_per_batch
     order = rng.permutation(len(indices))
     indices, longest = indices[order], longest[order]
   bucket_of = np.searchsorted(bounds, longest)
-  rows, lengths, sizes = [], [], []
+  # Batches in bucket order: batch j takes counts[j] examples from members[starts[j]:], all of one
+  # bucket. A stable sort by bucket keeps each bucket's (shuffled) order.
+  members = indices[np.argsort(bucket_of, kind="stable")]
+  per_bucket = np.bincount(bucket_of, minlength=len(bounds))
+  bucket_start = np.concatenate([[0], np.cumsum(per_bucket)])
+  starts, counts, lengths, sizes = [], [], [], []
   for b, length in enumerate(bounds):
-    members = indices[bucket_of == b]
-    if not len(members):
+    total = int(per_bucket[b])
+    if not total:
       continue
     n = round_down(tokens_per_batch // int(length), multiple_of)
     if rng is None:
       # Evaluation: a bucket with fewer examples than a batch gets a smaller batch (translating
       # three sentences should not decode a full batch of padding rows).
-      n = min(n, -(-len(members) // multiple_of) * multiple_of)
-    for start in range(0, len(members), n):
-      rows.append([(int(i),) for i in members[start:start + n]])
-      lengths.append(int(length))
-      sizes.append(n)
+      n = min(n, -(-total // multiple_of) * multiple_of)
+    first = np.arange(0, total, n)
+    starts.append(bucket_start[b] + first)
+    counts.append(np.minimum(n, total - first))
+    lengths.append(np.full(len(first), length, np.int32))
+    sizes.append(np.full(len(first), n, np.int32))
+  if not starts:
+    return BatchPlan(np.zeros(0, np.int64), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32))
+  starts, counts, lengths, sizes = map(np.concatenate, (starts, counts, lengths, sizes))
   if rng is not None:
-    order = rng.permutation(len(rows))
-    rows, lengths, sizes = [rows[i] for i in order], [lengths[i] for i in order], [sizes[i] for i in order]
-  return BatchPlan(rows, lengths, sizes)
+    order = rng.permutation(len(starts))
+    starts, counts, lengths, sizes = starts[order], counts[order], lengths[order], sizes[order]
+  batch_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+  # The examples of batch after batch: each batch's slice of `members`, gathered in one step.
+  take = np.repeat(starts - batch_starts[:-1], counts) + np.arange(batch_starts[-1])
+  return BatchPlan(members[take].astype(np.int64), batch_starts, lengths, sizes)
 
 
 def plan_packed(corpus: TokenizedCorpus, indices: np.ndarray, tokens_per_batch: int,
@@ -222,8 +251,12 @@ def plan_packed(corpus: TokenizedCorpus, indices: np.ndarray, tokens_per_batch: 
       open_.append([[int(i)], s, t])
   done += [tuple(row[0]) for row in open_]
   n = round_down(tokens_per_batch // max_len, multiple_of)
-  rows = [done[start:start + n] for start in range(0, len(done), n)]
-  return BatchPlan(rows, [max_len] * len(rows), [n] * len(rows))
+  row_starts = np.concatenate([[0], np.cumsum([len(row) for row in done], dtype=np.int64)])
+  examples = np.fromiter((i for row in done for i in row), np.int64, int(row_starts[-1]))
+  batch_starts = np.append(np.arange(0, len(done), n), len(done)).astype(np.int64)
+  batches = len(batch_starts) - 1
+  return BatchPlan(examples, batch_starts, np.full(batches, max_len, np.int32),
+                   np.full(batches, n, np.int32), row_starts)
 
 
 def assemble(corpus: TokenizedCorpus, rows: Sequence[tuple[int, ...]], length: int, size: int,
@@ -318,9 +351,10 @@ class EpochBatches:
   def __getitem__(self, k: int) -> Batch:
     epoch, b = self._locate(int(k))
     plan = self.plan(epoch)
-    size = plan.sizes[b] // self.process_count
+    size = int(plan.sizes[b]) // self.process_count
     lo = self.process_index * size
-    batch = assemble(self.corpus, plan.rows[b][lo:lo + size], plan.lengths[b], size, self.packing)
+    batch = assemble(self.corpus, plan.batch_rows(b)[lo:lo + size], int(plan.lengths[b]), size,
+                     self.packing)
     batch["epoch"] = np.int32(epoch)
     return batch
 
