@@ -171,38 +171,14 @@ def test_batches_from_the_mapped_cache_equal_batches_from_arrays_in_memory(tmp_p
       assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
 
 
-def reference_bucketed_plan(corpus, indices, tokens_per_batch, max_len, multiple_of, rng):
-  """The bucketed plan as a plain loop over lists (the pipeline's first version): the array-based
-  plan must give exactly these batches, so that runs resume onto the same data."""
-  bounds = np.asarray(pipeline.bucket_boundaries(max_len))
-  longest = np.maximum(corpus.src_lengths[indices], corpus.tgt_lengths[indices])
-  if rng is not None:
-    order = rng.permutation(len(indices))
-    indices, longest = indices[order], longest[order]
-  bucket_of = np.searchsorted(bounds, longest)
-  rows, lengths, sizes = [], [], []
-  for b, length in enumerate(bounds):
-    members = indices[bucket_of == b]
-    if not len(members):
-      continue
-    n = pipeline.round_down(tokens_per_batch // int(length), multiple_of)
-    if rng is None:
-      n = min(n, -(-len(members) // multiple_of) * multiple_of)
-    for start in range(0, len(members), n):
-      rows.append([(int(i),) for i in members[start:start + n]])
-      lengths.append(int(length))
-      sizes.append(n)
-  if rng is not None:
-    order = rng.permutation(len(rows))
-    rows, lengths, sizes = [rows[i] for i in order], [lengths[i] for i in order], [sizes[i] for i in order]
-  return rows, lengths, sizes
-
-
 @pytest.mark.parametrize("seed", [None, 0, 1, 7])
 def test_the_array_plan_makes_the_batches_the_list_plan_made(seed):
   corpus = fake_corpus(n=2000, seed=3)
   indices, _ = pipeline.keep_indices(corpus, 32)
   rng = lambda: None if seed is None else np.random.default_rng([seed, 0])
   plan = pipeline.plan_bucketed(corpus, indices, 256, 32, 4, rng())
-  rows, lengths, sizes = reference_bucketed_plan(corpus, indices, 256, 32, 4, rng())
+  # The pipeline's first, list-based plan (kept in bench/plan_scale.py): the same batches, so runs
+  # resume onto the same data.
+  from bench.plan_scale import list_plan
+  rows, lengths, sizes = list_plan(corpus, indices, 256, 32, 4, rng())
   assert plan.rows == rows and plan.lengths.tolist() == lengths and plan.sizes.tolist() == sizes
