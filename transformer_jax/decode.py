@@ -19,8 +19,10 @@ sequence without EOS_ID ran out of room at L tokens.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
@@ -186,7 +188,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
 
     # Each alive hypothesis has one EOS extension, so the best 2K extensions hold at least K that
     # do not end: enough to refill the alive list.
-    top_logprob, top_index = jax.lax.top_k(candidates.reshape(B, K * V), 2 * K)  # [B, 2K]
+    top_logprob, top_index = _top_k(candidates.reshape(B, K * V), 2 * K)  # [B, 2K]
     top_beam, top_token = top_index // V, top_index % V
     top_seqs = jnp.take_along_axis(alive_seqs, top_beam[:, :, None], axis=1)  # [B, 2K, L]
     top_seqs = jax.lax.dynamic_update_slice(top_seqs, top_token[:, :, None], (0, 0, i))
@@ -199,11 +201,11 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
     new_scores = jnp.where(ends & in_beam, top_logprob / length_penalty(i + 1, alpha), NEG_INF)
     merged_scores = jnp.concatenate([finished_scores, new_scores], axis=1)  # [B, 3K]
     merged_seqs = jnp.concatenate([finished_seqs, top_seqs], axis=1)
-    finished_scores, keep = jax.lax.top_k(merged_scores, K)
+    finished_scores, keep = _top_k(merged_scores, K)
     finished_seqs = jnp.take_along_axis(merged_seqs, keep[:, :, None], axis=1)
 
     # Alive: the best K extensions that do not end.
-    alive_logprob, keep = jax.lax.top_k(jnp.where(ends, NEG_INF, top_logprob), K)
+    alive_logprob, keep = _top_k(jnp.where(ends, NEG_INF, top_logprob), K)
     alive_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
     alive_last = jnp.take_along_axis(top_token, keep, axis=1)
     cache = _gather_beams(cache, jnp.take_along_axis(top_beam, keep, axis=1))
@@ -229,6 +231,23 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
   sequences = jnp.where(any_finished[:, None, None], finished_seqs, alive_seqs)
   scores = jnp.where(any_finished[:, None], finished_scores, alive_logprob / max_penalty)
   return sequences, scores
+
+
+def _top_k(x: Array, k: int) -> tuple[Array, Array]:
+  """`lax.top_k` over the last axis of [B, N], each device on its own rows of the batch.
+
+  Left to itself, XLA gathers the whole batch onto every device for a top-k (its partitioner does
+  not split the sort); under a mesh whose logical rules shard "batch", this runs one top-k per
+  device on its rows instead. Without a mesh, it is `lax.top_k`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = nn.logical_to_mesh_axes(("batch", None))[0] if not mesh.empty else None
+  axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if mesh.shape[a] > 1)
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return jax.lax.top_k(x, k)
+  spec = jax.sharding.PartitionSpec(axes)
+  return jax.shard_map(lambda rows: tuple(jax.lax.top_k(rows, k)), mesh=mesh, in_specs=spec,
+                       out_specs=(spec, spec))(x)
 
 
 # Model glue: the Transformer as a tokens -> logits callable.
