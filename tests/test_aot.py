@@ -92,3 +92,10 @@ def test_the_command_compiles_for_a_tpu_slice_without_a_tpu():
   assert result.stdout.count("of 16 GiB: fits") == 2  # The train step and beam search.
   result = compile_command("--topology", "v9z:1x1")
   assert result.returncode == 2 and "libtpu cannot describe it" in result.stderr
+
+
+def test_decoding_has_its_own_batch_budget():
+  config = tiny()
+  config.decode.tokens_per_batch = 512  # Two rows of 32 a shard, where training has one.
+  train, decode = aot.compile_run(config, jax.devices()[:8])
+  assert train.name.startswith("train step (8 x 32") and decode.name.startswith("decode (beam 4, 16 sources")

@@ -14,7 +14,8 @@ per-chip arguments, outputs, temporaries and code (`compiled.memory_analysis()`)
 
 The batch compiled is the largest one a run feeds: `data.tokens_per_batch // data.max_len` rows of
 `data.max_len` tokens (packed rows, or the longest bucket), rounded down to a multiple of the
-data-parallel shards; decoding is compiled at the config's beam size on as many sources.
+data-parallel shards; decoding is compiled at the config's beam size on the sources of
+`decode.tokens_per_batch` (by default as many).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from transformer_jax import flops, sharding
-from transformer_jax.config import validate_run_config
+from transformer_jax.config import decode_tokens_per_batch, validate_run_config
 from transformer_jax.errors import ConfigError
 from transformer_jax.steps import PACKING_KEYS, Setup, make_setup
 
@@ -81,16 +82,19 @@ def chip_memory(devices: list, override_gib: float = 0.0) -> int | None:
   return None if gib is None else int(gib * GIB)
 
 
-def batch_shape(config: ml_collections.ConfigDict, setup: Setup) -> tuple[int, int]:
-  """(rows, length) of the largest batch the run feeds (see the module docstring)."""
+def batch_shape(config: ml_collections.ConfigDict, setup: Setup, decoding: bool = False
+                ) -> tuple[int, int]:
+  """(rows, length) of the largest batch the run feeds (see the module docstring); `decoding`:
+  of the largest decoding batch (`decode.tokens_per_batch`)."""
   multiple = sharding.batch_multiple(setup.mesh)
   length = int(config.data.max_len)
-  rows = int(config.data.tokens_per_batch) // length // multiple * multiple
+  tokens = decode_tokens_per_batch(config) if decoding else int(config.data.tokens_per_batch)
+  field = "decode.tokens_per_batch" if decoding and config.decode.tokens_per_batch else "data.tokens_per_batch"
+  rows = tokens // length // multiple * multiple
   if rows < multiple:
     raise ConfigError(
-        f"data.tokens_per_batch={config.data.tokens_per_batch} holds {int(config.data.tokens_per_batch) // length} "
-        f"rows of data.max_len={length}, fewer than the mesh's {multiple} data-parallel shards; "
-        f"use at least {multiple * length}")
+        f"{field}={tokens} holds {tokens // length} rows of data.max_len={length}, fewer than the "
+        f"mesh's {multiple} data-parallel shards; use at least {multiple * length}")
   return rows, length
 
 
@@ -154,7 +158,7 @@ def compile_train_step(config: ml_collections.ConfigDict, setup: Setup) -> Repor
 
 def compile_decode(config: ml_collections.ConfigDict, setup: Setup) -> Report:
   """Compiles beam search (the config's beam size, alpha and max_extra_len) for its mesh."""
-  rows, length = batch_shape(config, setup)
+  rows, length = batch_shape(config, setup, decoding=True)
   params = setup.abstract_state().params
   src = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding.batch_sharding(setup.mesh))
   beam = int(config.decode.beam_size)

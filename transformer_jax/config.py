@@ -225,6 +225,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.decode.beam_size = 4  # Section 6.1.
   config.decode.length_penalty = 0.6  # alpha in ((5 + |Y|) / 6) ** alpha.
   config.decode.max_extra_len = 50  # Maximum output length = input length + 50.
+  # Source tokens in a decoding batch (each source decodes beam_size hypotheses); 0: the
+  # training batch's data.tokens_per_batch. Lower it if beam search runs out of memory.
+  config.decode.tokens_per_batch = 0
 
   config.lock()
   return config
@@ -279,7 +282,14 @@ _RUN_FIELDS = {
     "decode.beam_size": (_INT, 1, False),
     "decode.length_penalty": (_FLOAT, 0.0, False),
     "decode.max_extra_len": (_INT, 0, False),
+    "decode.tokens_per_batch": (_INT, 0, False),
 }
+
+
+def decode_tokens_per_batch(config: ml_collections.ConfigDict) -> int:
+  """Source tokens per decoding batch: `decode.tokens_per_batch`, or `data.tokens_per_batch` when
+  it is 0 (or absent, in the config of a run saved before it existed)."""
+  return int(config.decode.get("tokens_per_batch", 0) or config.data.tokens_per_batch)
 
 
 def validate_run_config(config: ml_collections.ConfigDict) -> TransformerConfig:

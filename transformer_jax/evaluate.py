@@ -23,6 +23,7 @@ import sacrebleu
 from jax.experimental import multihost_utils
 
 from transformer_jax import checkpoints, decode, sharding
+from transformer_jax.config import decode_tokens_per_batch
 from transformer_jax.data import pipeline
 from transformer_jax.errors import CheckpointError, DataError, MissingFileError, UserError, run_command
 from transformer_jax.steps import Setup, make_setup
@@ -125,7 +126,7 @@ class Run:
     max_len = max(int(lengths.max(initial=1)), int(self.config.data.max_len))
     return translate_corpus(
         self.setup, self.params, corpus, np.arange(len(sentences)),
-        self.tokenizer, tokens_per_batch=int(self.config.data.tokens_per_batch),
+        self.tokenizer, tokens_per_batch=decode_tokens_per_batch(self.config),
         max_len=max_len,
         beam_size=decode_cfg.beam_size if beam_size is None else beam_size,
         alpha=decode_cfg.length_penalty if alpha is None else alpha,

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from transformer_jax import evaluate, hosts, marian, sharding, trainer
-from transformer_jax.config import validate_run_config
+from transformer_jax.config import decode_tokens_per_batch, validate_run_config
 from transformer_jax.data import pipeline, sources
 from transformer_jax.errors import ConfigError, DataError
 from transformer_jax.steps import Setup, evaluate_loss, make_setup
@@ -120,7 +120,7 @@ def translation_metrics(setup: Setup, params: Any, config: ml_collections.Config
   indices = split.indices if indices is None else indices
   hypotheses = evaluate.translate_corpus(
       setup, params, split.corpus, indices, tokenizer,
-      tokens_per_batch=config.data.tokens_per_batch, max_len=config.data.max_len,
+      tokens_per_batch=decode_tokens_per_batch(config), max_len=config.data.max_len,
       beam_size=config.decode.beam_size if beam_size is None else beam_size,
       alpha=config.decode.length_penalty, max_extra_len=config.decode.max_extra_len)
   return evaluate.score(hypotheses, split.references(indices), split.raw.target_lang), hypotheses
