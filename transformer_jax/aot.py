@@ -197,8 +197,10 @@ def largest_batch(config: ml_collections.ConfigDict, devices: list, memory: int,
 
   A train step's memory is close to affine in its batch, so each guess comes from the line through
   two compiled points (extrapolated from the largest that fit, then interpolated between the
-  largest that fit and the smallest that did not); it ends when those two are one unit apart.
-  Typically four to six compiles, where bisection from one row would take a dozen.
+  largest that fit and the smallest that did not); it ends when those two are one unit apart, or
+  1/16 of the answer apart (the TPU compiler rematerialises to fit as the batch nears the chip's
+  memory, so there the figures stop growing and the search bisects). Typically four to eight
+  compiles, where bisection from one row would take a dozen or more.
 
   Returns:
     (tokens_per_batch, its report); (0, None) if not even one row per shard fits.
@@ -236,7 +238,7 @@ def largest_batch(config: ml_collections.ConfigDict, devices: list, memory: int,
     measure(guess)
     low = max(fitting)
     high = min((u for u in failing if u > low), default=None)
-    if high == low + 1:
+    if high is not None and high - low <= max(1, low // 16):
       break
     if high is None:  # Extrapolate from the two largest that fit, at most 8x further.
       u0, u1 = sorted(fitting)[-2:] if len(fitting) > 1 else (low, low)
