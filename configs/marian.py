@@ -29,10 +29,12 @@ def get_config(directory: str):
     for side in ("source_lang", "target_lang"):
       if isinstance(languages.get(side), str):
         config.data[side] = languages[side]
-  generation_config = os.path.join(directory, "generation_config.json")
-  if os.path.exists(generation_config):
-    with open(generation_config, encoding="utf-8") as f:
-      config.decode.beam_size = int(json.load(f).get("num_beams", config.decode.beam_size))
+  # The beam size: generation_config.json, or config.json in models converted before it existed.
+  for name in ("config.json", "generation_config.json"):
+    path = os.path.join(directory, name)
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        config.decode.beam_size = int(json.load(f).get("num_beams", config.decode.beam_size))
   config.data.dataset = "text"
   config.data.tokens_per_batch = 4096
   config.train.schedule = "constant"

@@ -215,8 +215,6 @@ def model_fields(directory: str) -> dict[str, Any]:
     problems.append("separate source and target vocabularies (ours shares one, section 3.4)")
   if not get("scale_embedding", False):
     problems.append("scale_embedding=False (ours multiplies embeddings by sqrt(d_model))")
-  if get("normalize_before", False):
-    problems.append("normalize_before=True")
   activation = _ACTIVATIONS.get(get("activation_function", "gelu"))
   if activation is None:
     problems.append(f"activation_function={get('activation_function')!r} (ours: relu, swish, gelu)")
