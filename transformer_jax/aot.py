@@ -255,7 +255,7 @@ def largest_batch(config: ml_collections.ConfigDict, devices: list, memory: int,
 def format_report(report: Report, memory: int | None) -> str:
   lines = [f"{report.name}: compiled in {report.seconds:.1f} s",
            f"  per device: arguments {report.arguments / GIB:.3f} GiB (state {report.state / GIB:.3f}, "
-           f"batch {report.batch / 2**20:.1f} MiB), "
+           f"batch {report.batch / 2**20:.2f} MiB), "
            f"temporaries {report.temporaries / GIB:.3f} GiB, code {report.code / GIB:.3f} GiB, "
            f"outputs not aliased {(report.outputs - report.aliased) / GIB:.3f} GiB",
            f"  total {report.total / GIB:.3f} GiB"
