@@ -162,6 +162,9 @@ def test_fine_tuning_an_imported_model_lowers_its_loss_and_translates(marian_dir
             if json.loads(line)["split"] == "train"]
   assert losses[-1] < 0.85 * losses[0]
   assert np.isfinite(metrics["loss"])
+  # Resuming needs neither the Marian directory nor its weights: the run has its own copies.
+  config.init_from = str(tmp_path / "deleted-download")
+  assert experiment.train_and_evaluate(config, str(workdir))["step"] == metrics["step"]
   run = evaluate.load_run(str(workdir))  # The copied tokenizer, in the workdir.
   assert isinstance(run.tokenizer, MarianVocabTokenizer)
   ours = run.translate(ENGLISH[:6], beam_size=1, max_extra_len=8)

@@ -147,9 +147,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     NonFiniteError: if training diverged.
   """
   model_config = validate_run_config(config)
-  if config.init_from:
-    marian.check_architecture(config.init_from, model_config)
   workdir = os.path.abspath(workdir)
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  resuming = os.path.isdir(checkpoint_dir) and any(p.isdigit() for p in os.listdir(checkpoint_dir))
+  if config.init_from and not resuming:  # A resumed run needs neither the directory nor its weights.
+    marian.check_architecture(config.init_from, model_config)
   os.makedirs(workdir, exist_ok=True)
   setup = make_setup(config)
   log.info("Mesh %s over %d devices (%d processes).", dict(setup.mesh.shape), jax.device_count(),
