@@ -43,6 +43,13 @@ def make_manager(workdir: str, train: ml_collections.ConfigDict) -> ocp.Checkpoi
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the checkpoints in `workdir/checkpoints` (complete ones: orbax names temporary
+  directories otherwise), ascending; [] if there are none."""
+  directory = os.path.join(workdir, "checkpoints")
+  return sorted(int(p) for p in os.listdir(directory) if p.isdigit()) if os.path.isdir(directory) else []
+
+
 @jax.jit
 def _all_finite(leaves: list[jax.Array]) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))

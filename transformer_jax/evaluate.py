@@ -51,6 +51,9 @@ def score(hypotheses: Sequence[str], references: Sequence[str], target_lang: str
   return scores
 
 
+COMPOUND = re.compile(r"(\S)-(\S)")  # get_ende_bleu.sh's s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g
+
+
 def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: str) -> float:
   """BLEU as the paper's Table 2 reports it (tensor2tensor's get_ende_bleu.sh): both sides
   Moses-tokenized (tokenizer.perl -l LANG, via sacremoses), hyphenated compounds split
@@ -67,9 +70,6 @@ def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: s
 
   bleu = sacrebleu.metrics.BLEU(tokenize="none", smooth_method="none", force=True)
   return bleu.corpus_score([prepare(h) for h in hypotheses], [[prepare(r) for r in references]]).score
-
-
-COMPOUND = re.compile(r"(\S)-(\S)")  # get_ende_bleu.sh's s{(\S)-(\S)}{$1 ##AT##-##AT## $2}g
 
 
 def translate_corpus(setup: Setup, params: Any, corpus: pipeline.TokenizedCorpus,
@@ -147,8 +147,7 @@ def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) ->
   if not os.path.isdir(workdir):
     raise RunError(f"workdir {workdir} does not exist; train a model first "
                    f"(python train.py --workdir {workdir})")
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(p) for p in os.listdir(checkpoint_dir) if p.isdigit()) if os.path.isdir(checkpoint_dir) else []
+  steps = checkpoints.saved_steps(workdir)
   tokenizer = load_run_tokenizer(workdir)
   if not steps or tokenizer is None:
     missing = "checkpoints" if not steps else f"tokenizer.model (nor {MARIAN_TOKENIZER_DIR}/)"

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from transformer_jax import evaluate, hosts, marian, sharding, trainer
+from transformer_jax import checkpoints, evaluate, hosts, marian, sharding, trainer
 from transformer_jax.config import decode_tokens_per_batch, validate_run_config
 from transformer_jax.data import pipeline, sources
 from transformer_jax.errors import ConfigError, DataError
@@ -114,16 +114,18 @@ def load_split(config: ml_collections.ConfigDict, workdir: str, name: str, token
 
 
 def translation_metrics(setup: Setup, params: Any, config: ml_collections.ConfigDict, split: Split,
-                        tokenizer, indices: np.ndarray | None = None, beam_size: int | None = None
-                        ) -> tuple[dict[str, Any], list[str]]:
-  """sacreBLEU and chrF of the model's translations of `split` (or of its `indices`)."""
+                        tokenizer, indices: np.ndarray | None = None, beam_size: int | None = None,
+                        tokenized_bleu: bool = False) -> tuple[dict[str, Any], list[str]]:
+  """sacreBLEU and chrF of the model's translations of `split` (or of its `indices`), and the
+  paper's tokenized BLEU if asked (the test reports it; validation passes do not need it)."""
   indices = split.indices if indices is None else indices
   hypotheses = evaluate.translate_corpus(
       setup, params, split.corpus, indices, tokenizer,
       tokens_per_batch=decode_tokens_per_batch(config), max_len=config.data.max_len,
       beam_size=config.decode.beam_size if beam_size is None else beam_size,
       alpha=config.decode.length_penalty, max_extra_len=config.decode.max_extra_len)
-  return evaluate.score(hypotheses, split.references(indices), split.raw.target_lang), hypotheses
+  target_lang = split.raw.target_lang if tokenized_bleu else None
+  return evaluate.score(hypotheses, split.references(indices), target_lang), hypotheses
 
 
 def eval_batches(config: ml_collections.ConfigDict, setup: Setup, split: Split) -> pipeline.EpochBatches:
@@ -148,9 +150,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   """
   model_config = validate_run_config(config)
   workdir = os.path.abspath(workdir)
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
-  resuming = os.path.isdir(checkpoint_dir) and any(p.isdigit() for p in os.listdir(checkpoint_dir))
-  if config.init_from and not resuming:  # A resumed run needs neither the directory nor its weights.
+  if config.init_from and not checkpoints.saved_steps(workdir):
+    # A resumed run needs neither the directory nor its weights.
     marian.check_architecture(config.init_from, model_config)
   os.makedirs(workdir, exist_ok=True)
   setup = make_setup(config)
@@ -194,7 +195,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = time.perf_counter()
   if config.train.test_sentences:
     test.indices = test.indices[:config.train.test_sentences]
-  scores, hypotheses = translation_metrics(setup, state.params, config, test, tokenizer)
+  scores, hypotheses = translation_metrics(setup, state.params, config, test, tokenizer,
+                                           tokenized_bleu=True)
   metrics.update(scores, decode_seconds=time.perf_counter() - start, step=step)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "test_hypotheses.txt"), "w") as f:

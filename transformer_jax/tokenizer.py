@@ -71,14 +71,7 @@ class Tokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     """Token ids -> detokenized text; stops at the first EOS_ID and ignores padding and BOS_ID."""
-    kept = []
-    for i in ids:
-      i = int(i)
-      if i == EOS_ID:
-        break
-      if i not in (PAD_ID, BOS_ID):
-        kept.append(i)
-    return self._sp.decode(kept)
+    return self._sp.decode(_text_ids(ids))
 
   def fingerprint(self) -> bytes:
     """Bytes that change whenever the tokenization does (for cache names)."""
@@ -93,6 +86,18 @@ class Tokenizer:
 
   def __setstate__(self, state):
     self.__init__(state["model_proto"])
+
+
+def _text_ids(ids: Iterable[int]) -> list[int]:
+  """The ids of a decoder's output that stand for text: those before the first EOS_ID, less
+  PAD_ID and BOS_ID."""
+  kept = []
+  for i in map(int, ids):
+    if i == EOS_ID:
+      break
+    if i not in (PAD_ID, BOS_ID):
+      kept.append(i)
+  return kept
 
 
 def _strings(texts: Sequence[str | bytes]) -> list[str]:
@@ -278,14 +283,7 @@ class MarianVocabTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     """Our ids -> text by target.spm; stops at EOS_ID and ignores PAD_ID and BOS_ID."""
-    pieces = []
-    for i in ids:
-      i = int(i)
-      if i == EOS_ID:
-        break
-      if i not in (PAD_ID, BOS_ID):
-        pieces.append(self._piece(int(self.order[i])))
-    return self._target.decode_pieces(pieces)
+    return self._target.decode_pieces([self._piece(int(self.order[i])) for i in _text_ids(ids)])
 
   def _piece(self, marian_id: int) -> str:
     if marian_id in self._pieces:
