@@ -41,6 +41,7 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds are chatty at INFO.
   logging.getLogger("transformer_jax").setLevel(logging.INFO)
+
   def run() -> None:
     initialize_distributed()
     cpu.keep_cpu_step_memory()  # CPU backends only; before anything else starts JAX's backends.
