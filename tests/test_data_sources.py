@@ -427,3 +427,14 @@ def test_wmt_prepares_from_manual_dir_without_network(tmp_path, monkeypatch):
       b"Das Netz.", b"Das Parlament.", b"Nachrichten."]
   assert read_all(validation.examples) == [{"de": b"Guten Morgen.", "en": b"Good morning."}]
   assert "tensorflow" not in sys.modules
+
+
+def test_a_split_larger_than_tfds_memory_buffer_prepares_without_tensorflow(tmp_path, monkeypatch):
+  # tfds spills splits over its in-memory limit (1 GB; WMT en-de is more) to disk through
+  # tf.io.gfile, which fails without TensorFlow; here the limit is made tiny to stand for that.
+  from tensorflow_datasets.core import shuffle
+  monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1000)
+  lines = "".join(f"sentence number {i}\tSatz Nummer {i}\n" for i in range(300))
+  data = sources.load_split(text_config(tmp_path, write(tmp_path / "train.tsv", lines.encode())), "train")
+  assert len(data.examples) == 300
+  assert shuffle.MAX_MEM_BUFFER_SIZE == 1000  # Restored after preparing.

@@ -152,6 +152,19 @@ def test_tokenize_corpus_round_trips_and_caches(tmp_path):
   np.testing.assert_array_equal(pickle.loads(shipped).src, corpus.src)
 
 
+def test_tokenizing_in_several_processes_gives_the_same_arrays(tmp_path):
+  text = [{"en": f"sentence {i} with {w}".encode(), "de": f"Satz {i} mit {w}".encode()}
+          for i, w in enumerate(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"] * 9)]
+  tokenizer = train_tokenizer((s for ex in text for s in ex.values()), vocab_size=60)
+  serial = pipeline.tokenize_corpus(text, "en", "de", tokenizer, chunk_size=5)
+  parallel = pipeline.tokenize_corpus(text, "en", "de", tokenizer, chunk_size=3, processes=2,
+                                      cache_path=tmp_path / "cache")
+  for name in pipeline.CORPUS_ARRAYS:
+    np.testing.assert_array_equal(getattr(parallel, name), getattr(serial, name))
+  assert pipeline.is_corpus_cache(tmp_path / "cache")
+  assert tokenizer.decode(parallel.target(62)) == text[62]["de"].decode()
+
+
 def test_batches_from_the_mapped_cache_equal_batches_from_arrays_in_memory(tmp_path):
   import tiny_run
   corpus = tiny_run.fake_corpus()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -24,9 +23,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.experimental import multihost_utils
 
+from transformer_jax import paths
 from transformer_jax.errors import CheckpointError, NonFiniteError
 from transformer_jax.steps import Setup, TrainState
 
@@ -40,14 +39,14 @@ def make_manager(workdir: str, train: ml_collections.ConfigDict) -> ocp.Checkpoi
   keep = max(int(train.checkpoints_to_keep), int(train.checkpoints_to_average))
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
                                          enable_async_checkpointing=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+  return ocp.CheckpointManager(paths.resolve(workdir) / "checkpoints", options=options)
 
 
 def saved_steps(workdir: str) -> list[int]:
   """The steps of the checkpoints in `workdir/checkpoints` (complete ones: orbax names temporary
   directories otherwise), ascending; [] if there are none."""
-  directory = os.path.join(workdir, "checkpoints")
-  return sorted(int(p) for p in os.listdir(directory) if p.isdigit()) if os.path.isdir(directory) else []
+  directory = paths.resolve(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
 
 
 @jax.jit
@@ -154,7 +153,7 @@ def restore_for_training(workdir: str, train: ml_collections.ConfigDict, setup: 
 
 
 def _move_damaged(workdir: str, steps: list[int]) -> None:
-  root = epath.Path(os.path.abspath(workdir))
+  root = paths.resolve(workdir)
   if jax.process_index() == 0:
     target = root / "damaged_checkpoints"
     target.mkdir(parents=True, exist_ok=True)

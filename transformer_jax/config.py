@@ -218,6 +218,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.tokens_per_batch = 25_000  # Source tokens, and as many target tokens (5.1).
   config.data.packing = False  # Pack several examples into one row instead of padding.
   config.data.num_workers = 0  # grain worker processes; 0 reads in the training process.
+  config.data.tokenize_processes = 0  # Processes that tokenize a corpus side by side; 0: one per core.
+  # A workdir on an object store (gs://...): each host copies the token caches here to map them.
+  config.data.local_cache_dir = config_dict.placeholder(str)  # None: the temporary directory.
   # Multi-process runs: process 0 prepares and tokenizes each split; the others wait this long.
   config.data.prepare_timeout_minutes = 240.0
 
@@ -278,6 +281,7 @@ _RUN_FIELDS = {
     "data.max_len": (_INT, 2, False),
     "data.tokens_per_batch": (_INT, 1, False),
     "data.num_workers": (_INT, 0, False),
+    "data.tokenize_processes": (_INT, 0, False),
     "data.prepare_timeout_minutes": (_FLOAT, 0.0, True),
     "decode.beam_size": (_INT, 1, False),
     "decode.length_penalty": (_FLOAT, 0.0, False),

@@ -22,7 +22,7 @@ import numpy as np
 import sacrebleu
 from jax.experimental import multihost_utils
 
-from transformer_jax import checkpoints, decode, sharding
+from transformer_jax import checkpoints, decode, paths, sharding
 from transformer_jax.config import decode_tokens_per_batch
 from transformer_jax.data import pipeline
 from transformer_jax.errors import CheckpointError, DataError, MissingFileError, UserError, run_command
@@ -143,8 +143,8 @@ def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) ->
   """
   if isinstance(average_last, bool) or not isinstance(average_last, int) or average_last < 1:
     raise RunError(f"average_last={average_last!r}: average at least 1 checkpoint (1: the last alone)")
-  workdir = os.path.abspath(workdir)
-  if not os.path.isdir(workdir):
+  workdir = paths.resolve(workdir)
+  if not workdir.is_dir():
     raise RunError(f"workdir {workdir} does not exist; train a model first "
                    f"(python train.py --workdir {workdir})")
   steps = checkpoints.saved_steps(workdir)
@@ -264,12 +264,9 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     scores = score(hypotheses, references, run.config.data.target_lang)
     scores.update(sentences=len(sources), checkpoints=run.steps,
                   beam_size=args.beam_size or run.config.decode.beam_size)
-    output_dir = os.path.abspath(args.output_dir or args.workdir)
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, f"{name}.hypotheses.txt"), "w", encoding="utf-8") as f:
-      f.writelines(h + "\n" for h in hypotheses)
-    with open(os.path.join(output_dir, f"{name}.scores.json"), "w") as f:
-      json.dump(scores, f, indent=2)
+    output_dir = paths.resolve(args.output_dir or args.workdir)
+    paths.write_text_atomic(output_dir / f"{name}.hypotheses.txt", "".join(h + "\n" for h in hypotheses))
+    paths.write_text_atomic(output_dir / f"{name}.scores.json", json.dumps(scores, indent=2))
     print(f"{name}: sacreBLEU {scores['bleu']:.2f}  chrF {scores['chrf']:.2f}  tokenized BLEU "
           f"{scores['bleu_tokenized']:.2f} (the paper's recipe: Moses tokens, compounds split; not "
           f"comparable with sacreBLEU)  ({len(sources)} sentences, checkpoints {run.steps})\n"

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from transformer_jax import paths
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from transformer_jax.errors import ConfigError, MissingFileError
 
@@ -41,17 +42,12 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> Tokenizer:
-    with open(path, "rb") as f:
-      return cls(f.read())
+    """From a local or remote (gs://...) file."""
+    return cls(paths.resolve(path).read_bytes())
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the model atomically, so a run killed mid-write leaves no truncated file."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-      f.write(self.model_proto)
-    os.replace(tmp, path)
+    paths.write_bytes_atomic(path, self.model_proto)
 
   @property
   def vocab_size(self) -> int:
@@ -154,7 +150,7 @@ def load_or_train_tokenizer(path: str | os.PathLike, sentences: Iterable[str | b
   A saved tokenizer whose size differs from `vocab_size` is an error rather than silently reused:
   the model's embedding is sized from the config.
   """
-  if os.path.exists(path):
+  if paths.resolve(path).exists():
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size != vocab_size:
       raise ConfigError(
@@ -219,24 +215,20 @@ class MarianVocabTokenizer:
   def load(cls, directory: str | os.PathLike) -> MarianVocabTokenizer:
     """From a Marian model directory (its tokenizer files and config.json) or from a run's copy
     (`marian_tokenizer/`, where special_ids.json stands in for the config)."""
-    directory = os.fspath(directory)
-    missing = [n for n in MARIAN_FILES if not os.path.isfile(os.path.join(directory, n))]
+    directory = paths.resolve(directory)
+    missing = [n for n in MARIAN_FILES if not (directory / n).is_file()]
     if missing:
       raise MissingFileError(f"{directory} has no {', '.join(missing)}: a Marian model directory "
                              f"holds {', '.join(MARIAN_FILES)} beside its weights")
-    def read(name: str) -> bytes:
-      with open(os.path.join(directory, name), "rb") as f:
-        return f.read()
-
-    vocab = _read_json(os.path.join(directory, "vocab.json"))
-    special_path = os.path.join(directory, SPECIAL_IDS_FILE)
-    if os.path.exists(special_path):
+    vocab = _read_json(directory / "vocab.json")
+    special_path = directory / SPECIAL_IDS_FILE
+    if special_path.exists():
       special = _read_json(special_path)
     else:
-      config = _read_json(os.path.join(directory, "config.json"))
-      tokenizer_config_path = os.path.join(directory, "tokenizer_config.json")
+      config = _read_json(directory / "config.json")
+      tokenizer_config_path = directory / "tokenizer_config.json"
       unk = (_read_json(tokenizer_config_path).get("unk_token", "<unk>")
-             if os.path.exists(tokenizer_config_path) else "<unk>")
+             if tokenizer_config_path.exists() else "<unk>")
       if isinstance(unk, dict):  # An AddedToken as transformers saves it.
         unk = unk.get("content", "<unk>")
       if unk not in vocab:
@@ -244,16 +236,17 @@ class MarianVocabTokenizer:
       special = {"vocab_size": config["vocab_size"], "pad_token_id": config["pad_token_id"],
                  "eos_token_id": config["eos_token_id"], "unk_token_id": vocab[unk],
                  "decoder_start_token_id": config.get("decoder_start_token_id", config["pad_token_id"])}
-    return cls(read("source.spm"), read("target.spm"), vocab, special)
+    return cls((directory / "source.spm").read_bytes(), (directory / "target.spm").read_bytes(),
+               vocab, special)
 
   def save(self, directory: str | os.PathLike) -> None:
-    os.makedirs(directory, exist_ok=True)
+    """Writes the run's copy (local or remote), SPECIAL_IDS_FILE last: a directory without it is
+    incomplete."""
+    directory = paths.resolve(directory)
     for name, data in self._files.items():
-      with open(os.path.join(directory, name), "wb") as f:
-        f.write(data)
+      paths.write_bytes_atomic(directory / name, data)
     for name, value in (("vocab.json", self._vocab), (SPECIAL_IDS_FILE, self._special)):
-      with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
-        json.dump(value, f, ensure_ascii=False)
+      paths.write_text_atomic(directory / name, json.dumps(value, ensure_ascii=False))
 
   @property
   def vocab_size(self) -> int:
@@ -310,18 +303,17 @@ class MarianVocabTokenizer:
 def load_run_tokenizer(workdir: str | os.PathLike) -> Tokenizer | MarianVocabTokenizer | None:
   """A run's tokenizer: `tokenizer.model`, or the Marian model's it was fine-tuned from; None
   when the workdir has neither."""
-  path = os.path.join(workdir, "tokenizer.model")
-  if os.path.exists(path):
-    return Tokenizer.load(path)
-  if os.path.isdir(os.path.join(workdir, MARIAN_TOKENIZER_DIR)):
-    return MarianVocabTokenizer.load(os.path.join(workdir, MARIAN_TOKENIZER_DIR))
+  workdir = paths.resolve(workdir)
+  if (workdir / "tokenizer.model").exists():
+    return Tokenizer.load(workdir / "tokenizer.model")
+  if (workdir / MARIAN_TOKENIZER_DIR).is_dir():
+    return MarianVocabTokenizer.load(workdir / MARIAN_TOKENIZER_DIR)
   return None
 
 
-def _read_json(path: str) -> dict:
+def _read_json(path: str | os.PathLike) -> dict:
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(paths.resolve(path).read_text(encoding="utf-8"))
   except FileNotFoundError as e:
     raise MissingFileError(f"{path} does not exist") from e
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
