@@ -23,7 +23,10 @@ def get_config():
   config.train.time_budget_minutes = 30.0
   config.train.warmup_steps = 1000
   config.train.log_every = 20
-  config.train.eval_every = 500
-  config.train.checkpoint_every = 250
+  config.train.eval_every = 250  # Time to quality is read off the validation passes.
+  # Section 6.1 averages the last 5 checkpoints, written 10 minutes apart in 12 hours; here they are
+  # about 100 s apart, and the test uses their average only if it scores higher on validation.
+  config.train.checkpoint_every = 100
+  config.train.checkpoints_to_average = 5
   config.train.eval_bleu_sentences = 128
   return config

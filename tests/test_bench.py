@@ -101,3 +101,22 @@ def test_the_gpu_check_runs_every_part_at_tiny_sizes(tmp_path):
   failed = [name for name, text in parts.items() if "exit status" in text]
   assert not failed, {name: parts[name][-2000:] for name in failed}
   assert "paper schedule" in parts["train_step.txt"] and (tmp_path / "attention.png").exists()
+
+
+def test_the_data_scale_benchmark_prepares_tokenizes_and_measures_memory(tmp_path):
+  out = run_script("bench/data_scale.py", "--sizes", "2000", "--vocab_size", "300", "--dir", str(tmp_path),
+                   "--processes", "2")
+  row = next(line for line in out.splitlines() if line.startswith("| 2,000 |"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert len(cells) == 10 and cells[6].endswith("min"), row
+  assert not (tmp_path / "run-2000").exists()  # Removed unless --keep.
+
+
+def test_the_bleu_curve_plots_a_run(tmp_path):
+  import json
+  lines = [{"step": 250 * k, "split": "validation", "bleu_greedy": b, "minutes": 4.0 * k}
+           for k, b in enumerate([3.0, 11.0, 18.5, 22.0], start=1)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 1')
+  out = run_script("bench/bleu_curve.py", "--workdir", str(tmp_path), "--out", str(tmp_path / "curve.png"))
+  assert "BLEU 10 at 8.0 min, BLEU 20 at 16.0 min, BLEU 25 at -" in out  # A cut line is skipped.
+  assert (tmp_path / "curve.png").stat().st_size > 0

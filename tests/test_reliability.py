@@ -2,6 +2,7 @@
 non-finite checkpoints, preemption and kill -9, each checked through the public commands and
 functions, for its message, its exit status, and that nothing already saved is lost."""
 
+import json
 import os
 import pathlib
 import random
@@ -350,3 +351,36 @@ def test_random_kill_9s_including_during_saves_never_change_the_result(tmp_path)
     assert sorted(a.files) == sorted(b.files)
     for key in a.files:
       np.testing.assert_array_equal(a[key], b[key])
+
+
+# ----------------------------------------------------------------------------- time to quality
+
+
+def test_minutes_to_bleu_is_the_first_validation_pass_that_reached_each_threshold():
+  from transformer_jax.experiment import minutes_to_bleu
+  passes = [{"step": 250, "bleu_greedy": 4.0, "minutes": 4.1}, {"step": 500, "bleu_greedy": 12.5, "minutes": 8.0},
+            {"step": 750, "bleu_greedy": 11.0, "minutes": 12.2}, {"step": 1000, "bleu_greedy": 20.0, "minutes": 16.3}]
+  assert minutes_to_bleu(passes) == {"10": 8.0, "20": 16.3, "25": None}
+  assert minutes_to_bleu([]) == {"10": None, "20": None, "25": None}
+
+
+def test_the_test_uses_the_checkpoint_average_only_when_validation_prefers_it(tmp_path, text_corpus):
+  workdir = tmp_path / "run"
+  flags = ["--config.train.num_steps=6", "--config.train.checkpoint_every=2", "--config.train.eval_every=2",
+           "--config.train.checkpoints_to_average=3", "--config.train.test_sentences=4"]
+  result = train_py(workdir, text_corpus, *flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads((workdir / "test_metrics.json").read_text())
+  final, average = metrics["validation_bleu_final"], metrics["validation_bleu_average"]
+  assert metrics["test_params"] == ("average of steps [2, 4, 6]" if average > final else "step 6")
+  assert set(metrics["minutes_to_bleu"]) == {"10", "20", "25"}
+  assert "validation greedy BLEU reached 10 at" in result.stdout
+  minutes = [json.loads(line)["minutes"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert minutes == sorted(minutes) and minutes[0] > 0
+  # A resumed run's clock goes on from where the first one stopped.
+  result = train_py(workdir, text_corpus, *flags[1:], "--config.train.num_steps=8")
+  assert result.returncode == 0, result.stderr[-3000:]
+  resumed = [json.loads(line)["minutes"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert resumed[:len(minutes)] == minutes and min(resumed[len(minutes):]) > minutes[-1]
+  assert json.loads((workdir / "test_metrics.json").read_text())["test_params"] in (
+      "average of steps [4, 6, 8]", "step 8")

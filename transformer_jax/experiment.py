@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -19,12 +18,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from transformer_jax import checkpoints, evaluate, hosts, marian, sharding, trainer
+from transformer_jax import checkpoints, evaluate, hosts, marian, paths, sharding, trainer
 from transformer_jax.config import decode_tokens_per_batch, validate_run_config
 from transformer_jax.data import pipeline, sources
 from transformer_jax.errors import ConfigError, DataError
 from transformer_jax.steps import Setup, evaluate_loss, make_setup
-from transformer_jax.tokenizer import MARIAN_TOKENIZER_DIR, MarianVocabTokenizer, load_or_train_tokenizer
+from transformer_jax.tokenizer import (MARIAN_TOKENIZER_DIR, SPECIAL_IDS_FILE, MarianVocabTokenizer,
+                                      load_or_train_tokenizer)
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +52,17 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, train_data):
   (`config.init_from`), the Marian model's, copied into `workdir/marian_tokenizer`."""
   if config.init_from:
     return _marian_tokenizer(config, workdir)
-  path = os.path.join(workdir, "tokenizer.model")
+  path = paths.resolve(workdir) / "tokenizer.model"
 
   def train() -> None:
-    if os.path.exists(path):
+    if path.exists():
       return
     examples = train_data.examples
     order = np.random.default_rng(config.seed).permutation(len(examples))
     order = order[:max(1, config.data.tokenizer_max_sentences // 2)]
-    sentences = (examples[int(i)][lang] for i in order for lang in (train_data.source_lang, train_data.target_lang))
+    chunks = (sources.read_many(examples, order[k:k + 4096]) for k in range(0, len(order), 4096))
+    sentences = (ex[lang] for chunk in chunks for ex in chunk
+                 for lang in (train_data.source_lang, train_data.target_lang))
     load_or_train_tokenizer(path, sentences, config.model.vocab_size, model_type=config.data.tokenizer,
                             max_sentences=config.data.tokenizer_max_sentences, seed=config.seed)
 
@@ -70,12 +72,11 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, train_data):
 
 
 def _marian_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> MarianVocabTokenizer:
-  path = os.path.join(workdir, MARIAN_TOKENIZER_DIR)
+  path = paths.resolve(workdir) / MARIAN_TOKENIZER_DIR
 
   def copy() -> None:
-    if not os.path.isdir(path):
-      MarianVocabTokenizer.load(config.init_from).save(path + ".tmp")
-      os.replace(path + ".tmp", path)
+    if not (path / SPECIAL_IDS_FILE).exists():  # Written last by `save`.
+      MarianVocabTokenizer.load(config.init_from).save(path)
 
   hosts.once("the tokenizer", copy, after=lambda: None, timeout_minutes=config.data.prepare_timeout_minutes)
   tokenizer = MarianVocabTokenizer.load(path)
@@ -91,14 +92,15 @@ def load_split(config: ml_collections.ConfigDict, workdir: str, name: str, token
 
   def prepare() -> tuple[Any, pipeline.TokenizedCorpus]:
     raw = sources.load_split(config.data, name)
-    cache = os.path.join(workdir, "cache", pipeline.corpus_cache_name(
-        f"{raw.name}-{raw.source_lang}-{raw.target_lang}", name, len(raw.examples), tokenizer))
-    if not os.path.isdir(cache):
+    cache = paths.resolve(workdir) / "cache" / pipeline.corpus_cache_name(
+        f"{raw.name}-{raw.source_lang}-{raw.target_lang}", name, len(raw.examples), tokenizer)
+    if not pipeline.is_corpus_cache(cache):
       if jax.process_index() > 0:
         log.warning("%s is not where process 0 wrote it (is the workdir shared?): tokenizing here too.", cache)
       log.info("%s: tokenizing %d examples into %s.", name, len(raw.examples), cache)
-    corpus = pipeline.tokenize_corpus(raw.examples, raw.source_lang, raw.target_lang, tokenizer,
-                                      cache_path=cache)
+    corpus = pipeline.tokenize_corpus(
+        raw.examples, raw.source_lang, raw.target_lang, tokenizer, cache_path=cache,
+        processes=config.data.tokenize_processes, local_dir=config.data.local_cache_dir)
     return raw, corpus
 
   raw, corpus = hosts.once(f"the {name} split", prepare, timeout_minutes=config.data.prepare_timeout_minutes)
@@ -149,11 +151,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     NonFiniteError: if training diverged.
   """
   model_config = validate_run_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = paths.resolve(workdir)
   if config.init_from and not checkpoints.saved_steps(workdir):
     # A resumed run needs neither the directory nor its weights.
     marian.check_architecture(config.init_from, model_config)
-  os.makedirs(workdir, exist_ok=True)
+  workdir.mkdir(parents=True, exist_ok=True)
   setup = make_setup(config)
   log.info("Mesh %s over %d devices (%d processes).", dict(setup.mesh.shape), jax.device_count(),
                jax.process_count())
@@ -190,28 +192,70 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "resumes; the test set is evaluated once training has finished.", step)
     return {"preempted": True, "step": step}
 
+  params, chosen = test_params(config, workdir, setup, state.params, step, validation, tokenizer,
+                               bleu_sample)
   test = load_split(config, workdir, "test", tokenizer)
-  metrics = evaluate_loss(setup, state.params, eval_batches(config, setup, test))
+  metrics = evaluate_loss(setup, params, eval_batches(config, setup, test))
   start = time.perf_counter()
   if config.train.test_sentences:
     test.indices = test.indices[:config.train.test_sentences]
-  scores, hypotheses = translation_metrics(setup, state.params, config, test, tokenizer,
+  scores, hypotheses = translation_metrics(setup, params, config, test, tokenizer,
                                            tokenized_bleu=True)
-  metrics.update(scores, decode_seconds=time.perf_counter() - start, step=step)
+  metrics.update(scores, decode_seconds=time.perf_counter() - start, step=step,
+                 beam_size=config.decode.beam_size, **chosen)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "test_hypotheses.txt"), "w") as f:
-      f.writelines(h + "\n" for h in hypotheses)
-    with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
-      json.dump(metrics, f, indent=2)
+    metrics["minutes_to_bleu"] = minutes_to_bleu(trainer.read_metrics(workdir, "validation"))
+  if jax.process_index() == 0:
+    paths.write_text_atomic(workdir / "test_hypotheses.txt", "".join(h + "\n" for h in hypotheses))
+    paths.write_text_atomic(workdir / "test_metrics.json", json.dumps(metrics, indent=2))
     print(f"\nTest ({test.raw.name}, {len(test.indices)} sentences, beam {config.decode.beam_size}): "
           f"sacreBLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}, tokenized BLEU "
           f"{scores['bleu_tokenized']:.1f} (the paper's recipe, not comparable with sacreBLEU), "
           f"loss {metrics['loss']:.3f}, "
-          f"perplexity {metrics['perplexity']:.2f}\n  {scores['bleu_signature']}")
+          f"perplexity {metrics['perplexity']:.2f}\n  {scores['bleu_signature']}\n  parameters: "
+          f"{chosen['test_params']}; validation greedy BLEU reached "
+          + ", ".join(f"{b} at {'-' if m is None else f'{m:.1f} min'}"
+                      for b, m in metrics["minutes_to_bleu"].items()))
     for source, hypothesis, reference in list(zip(test.sources(test.indices), hypotheses,
                                                   test.references()))[:config.train.samples_to_print]:
       print(f"\n  source:     {source}\n  translation: {hypothesis}\n  reference:  {reference}")
   return metrics
+
+
+def test_params(config: ml_collections.ConfigDict, workdir, setup: Setup, final: Any, step: int,
+                validation: Split, tokenizer, bleu_sample: np.ndarray) -> tuple[Any, dict[str, Any]]:
+  """The parameters the test translates with: the final ones, or the average of the last
+  `train.checkpoints_to_average` checkpoints (section 6.1) if that scores a higher greedy BLEU on
+  the validation sample (chosen on validation, never on the test). Returns them and a record of
+  the choice for the test metrics."""
+  steps = checkpoints.saved_steps(workdir)[-config.train.checkpoints_to_average:]
+  if config.train.checkpoints_to_average < 2 or len(steps) < 2 or not len(bleu_sample):
+    return final, {"test_params": f"step {step}"}
+  manager = checkpoints.make_manager(workdir, config.train)
+  try:
+    averaged = checkpoints.average(manager, setup, steps=steps)
+  finally:
+    manager.close()
+  bleu = {}
+  for name, params in (("final", final), ("average", averaged)):
+    bleu[name] = translation_metrics(setup, params, config, validation, tokenizer, bleu_sample,
+                                     beam_size=1)[0]["bleu"]
+  use_average = bleu["average"] > bleu["final"]
+  chosen = f"average of steps {steps}" if use_average else f"step {step}"
+  log.info("Validation greedy BLEU: final parameters %.2f, average of checkpoints %s %.2f; the test "
+           "uses the %s.", bleu["final"], steps, bleu["average"], "average" if use_average else "final")
+  return (averaged if use_average else final), {
+      "test_params": chosen, "validation_bleu_final": bleu["final"], "validation_bleu_average": bleu["average"]}
+
+
+def minutes_to_bleu(validation: list[dict], thresholds=(10, 20, 25)) -> dict[str, float | None]:
+  """MLPerf-style time to quality: the run's minutes at the first validation pass whose greedy
+  BLEU reached each threshold (None: never)."""
+  reached = {}
+  for threshold in thresholds:
+    first = next((r for r in validation if r.get("bleu_greedy", -1) >= threshold and "minutes" in r), None)
+    reached[str(threshold)] = None if first is None else first["minutes"]
+  return reached
 
 
 def _log_padding(batches: pipeline.EpochBatches) -> None:

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from transformer_jax import checkpoints
+from transformer_jax import checkpoints, paths
 from transformer_jax.errors import NonFiniteError
 from transformer_jax.data import pipeline
 from transformer_jax.flops import peak_flops_per_device, train_step_flops
@@ -73,20 +73,30 @@ def check_finite_losses(history: list[dict], last_saved: int | None) -> None:
 
 class MetricWriter:
   """Metrics to `workdir/metrics.jsonl` (one JSON object a line) and TensorBoard event files;
-  only process 0 writes."""
+  only process 0 writes. Every line also holds "minutes": the run's wall-clock time since its
+  first step was prepared, continued from the lines already there when a run resumes (so time to
+  quality counts the time lost to preemption, as MLPerf's does)."""
 
   def __init__(self, workdir: str):
     self.active = jax.process_index() == 0
+    self._start = time.perf_counter()
+    self._minutes_before = 0.0
     if self.active:
-      from tensorboardX import SummaryWriter  # Pure Python: no TensorFlow needed.
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      from tensorboardX import SummaryWriter  # Pure Python: no TensorFlow needed (gs:// and s3://
+      # need google-cloud-storage or boto3).
+      workdir = paths.resolve(workdir)
+      self._minutes_before = max((r.get("minutes", 0.0) for r in read_metrics(workdir)), default=0.0)
+      self._jsonl = paths.AppendLog(workdir / "metrics.jsonl")
+      self._tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
+
+  def minutes(self) -> float:
+    return self._minutes_before + (time.perf_counter() - self._start) / 60
 
   def write(self, step: int, split: str, metrics: dict[str, float]) -> None:
     if not self.active:
       return
-    self._jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
-    self._jsonl.flush()
+    self._jsonl.write(json.dumps({"step": step, "split": split, **metrics,
+                                  "minutes": round(self.minutes(), 3)}) + "\n")
     for name, value in metrics.items():
       if isinstance(value, (int, float)) and np.isfinite(value):
         self._tb.add_scalar(f"{split}/{name}", value, step)
@@ -96,6 +106,23 @@ class MetricWriter:
     if self.active:
       self._jsonl.close()
       self._tb.close()
+
+
+def read_metrics(workdir: str, split: str | None = None) -> list[dict]:
+  """The lines of `workdir/metrics.jsonl` (those of `split` only, if given); [] if there is none.
+  A line cut short by a crash is skipped."""
+  path = paths.resolve(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  records = []
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if split is None or record.get("split") == split:
+      records.append(record)
+  return records
 
 
 def _progress(total: int, initial: int):
@@ -131,8 +158,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
     The final train state (also saved as the last checkpoint).
   """
   train_cfg = config.train
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = paths.resolve(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   manager, restored = checkpoints.restore_for_training(workdir, train_cfg, setup)
   iterator = iter(pipeline.make_dataset(batches, num_workers=config.data.num_workers))
   if restored is None:
