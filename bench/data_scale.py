@@ -77,7 +77,7 @@ def run_config(tsv: str, data_dir: str, processes: int, vocab_size: int = 37000)
 def prepare(n: int, directory: str, processes: int, vocab_size: int) -> dict:
   """Times each stage for a corpus of n pairs; returns the figures."""
   from transformer_jax import experiment
-  from transformer_jax.data import pipeline, sources
+  from transformer_jax.data import pipeline, sources, token_cache
   os.makedirs(directory, exist_ok=True)
   tsv = os.path.join(directory, f"corpus-{n}.tsv")
   figures = {"pairs": n}
@@ -105,7 +105,7 @@ def prepare(n: int, directory: str, processes: int, vocab_size: int) -> dict:
   figures["batches_per_epoch"] = len(batches.plan(0))
   stages["plan_s"] = time.perf_counter() - start
   figures.update(stages, total_s=sum(stages.values()), tokens=int(len(split.corpus.src) + len(split.corpus.tgt)),
-                 cache_mb=sum(getattr(split.corpus, k).nbytes for k in pipeline.CORPUS_ARRAYS) / 2**20)
+                 cache_mb=sum(getattr(split.corpus, k).nbytes for k in token_cache.CORPUS_ARRAYS) / 2**20)
   figures["workdir"] = work
   return figures
 
@@ -117,7 +117,7 @@ import json, resource, sys
 sys.path.insert(0, {ROOT!r})
 from bench.data_scale import run_config
 from transformer_jax import experiment
-from transformer_jax.data import pipeline, sources
+from transformer_jax.data import pipeline, sources, token_cache
 from transformer_jax.tokenizer import load_run_tokenizer
 import numpy as np
 def rss():
@@ -129,7 +129,7 @@ base = rss()
 split = experiment.load_split(config, work, "train", load_run_tokenizer(work))
 corpus = split.corpus
 if {in_memory}:
-  corpus = pipeline.TokenizedCorpus(*(np.array(getattr(corpus, k)) for k in pipeline.CORPUS_ARRAYS))
+  corpus = token_cache.TokenizedCorpus(*(np.array(getattr(corpus, k)) for k in token_cache.CORPUS_ARRAYS))
 batches = pipeline.EpochBatches(corpus, split.indices, tokens_per_batch=25000, max_len=256, packing=False,
                                 seed=0, shuffle=True, num_epochs=None, multiple_of=8)
 for k in range(300):

@@ -34,10 +34,10 @@ from bench.machine import cpu_description  # noqa: E402
 from transformer_jax.config import load_config_file  # noqa: E402
 from transformer_jax import cpu, experiment, sharding, steps  # noqa: E402
 from transformer_jax.data import sources  # noqa: E402
-from transformer_jax.data import pipeline  # noqa: E402
+from transformer_jax.data import pipeline, token_cache  # noqa: E402
 
 
-def padded_batches(corpus: pipeline.TokenizedCorpus, indices: np.ndarray, rows: int, max_len: int,
+def padded_batches(corpus: token_cache.TokenizedCorpus, indices: np.ndarray, rows: int, max_len: int,
                    seed: int):
   """The baseline: shuffled examples, `rows` per batch, each row padded to `max_len`."""
   order = indices[np.random.default_rng(seed).permutation(len(indices))]

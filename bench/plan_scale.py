@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from bench.machine import cpu_description  # noqa: E402
-from transformer_jax.data import pipeline  # noqa: E402
+from transformer_jax.data import pipeline, token_cache  # noqa: E402
 
 
 def list_plan(corpus, indices, tokens_per_batch, max_len, multiple_of, rng):
@@ -52,11 +52,11 @@ def list_plan(corpus, indices, tokens_per_batch, max_len, multiple_of, rng):
   return rows, lengths, sizes
 
 
-def synthetic_corpus(n: int, seed: int = 0) -> pipeline.TokenizedCorpus:
+def synthetic_corpus(n: int, seed: int = 0) -> token_cache.TokenizedCorpus:
   rng = np.random.default_rng(seed)
   lengths = np.clip(rng.lognormal(3.2, 0.6, n).astype(np.int64), 2, 400)
   offsets = np.concatenate([[0], np.cumsum(lengths)])
-  return pipeline.TokenizedCorpus(np.zeros(1, np.uint16), offsets, np.zeros(1, np.uint16), offsets)
+  return token_cache.TokenizedCorpus(np.zeros(1, np.uint16), offsets, np.zeros(1, np.uint16), offsets)
 
 
 def rss_gb() -> float:

@@ -14,7 +14,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from transformer_jax import experiment, paths
 from transformer_jax.config import base_config
-from transformer_jax.data import pipeline, sources
+from transformer_jax.data import sources, token_cache
 from transformer_jax.tokenizer import load_run_tokenizer
 
 PAIRS = [(f"the {a} {b} is here", f"das {a} {b} ist hier") for a in ("red", "old", "big", "small", "new")
@@ -67,8 +67,8 @@ def test_a_gs_workdir_holds_the_tokenizer_and_the_token_cache(tmp_path, bucket, 
 
   written = sorted(bucket)
   assert "gs://bucket/runs/toy/tokenizer.model" in written, written
-  cache = [k for k in written if k.endswith("/" + pipeline.CACHE_MARKER)]
-  assert len(cache) == 1 and all(any(k.endswith(f"/{a}.npy") for k in written) for a in pipeline.CORPUS_ARRAYS)
+  cache = [k for k in written if k.endswith("/" + token_cache.CACHE_MARKER)]
+  assert len(cache) == 1 and all(any(k.endswith(f"/{a}.npy") for k in written) for a in token_cache.CORPUS_ARRAYS)
   assert not (tmp_path / "gs:").exists()  # os.path.abspath("gs://...") made such a local directory.
   # The arrays are mapped from this host's copy, not read from the bucket into memory.
   assert isinstance(split.corpus.src, np.memmap)
@@ -81,7 +81,7 @@ def test_a_gs_workdir_holds_the_tokenizer_and_the_token_cache(tmp_path, bucket, 
   assert again_tokenizer.model_proto == tokenizer.model_proto
   config.data.local_cache_dir = str(tmp_path / "other_host_disk")
   again = experiment.load_split(config, workdir, "train", again_tokenizer)
-  for name in pipeline.CORPUS_ARRAYS:
+  for name in token_cache.CORPUS_ARRAYS:
     np.testing.assert_array_equal(getattr(again.corpus, name), getattr(local.corpus, name))
   assert sorted(bucket) == written  # Nothing tokenized or written again.
 
@@ -91,7 +91,7 @@ def test_an_unfinished_cache_is_tokenized_again(tmp_path, bucket):
   raw = sources.load_split(config.data, "train")
   tokenizer = experiment.load_tokenizer(config, "gs://bucket/run", raw)
   complete = experiment.load_split(config, "gs://bucket/run", "train", tokenizer)
-  marker = next(k for k in bucket if k.endswith(pipeline.CACHE_MARKER))
+  marker = next(k for k in bucket if k.endswith(token_cache.CACHE_MARKER))
   cache_dir = marker.rsplit("/", 1)[0]
   # A run killed while writing: one array truncated, no marker.
   del bucket[marker]

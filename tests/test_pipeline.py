@@ -9,12 +9,12 @@ import pytest
 from conftest import tiny_config
 from transformer_jax import Transformer
 from transformer_jax.constants import EOS_ID, PAD_ID
-from transformer_jax.data import pipeline
+from transformer_jax.data import pipeline, token_cache
 from transformer_jax.losses import label_smoothed_cross_entropy
 from transformer_jax.tokenizer import train_tokenizer
 
 
-def fake_corpus(n=600, max_len=40, vocab=40, seed=0) -> pipeline.TokenizedCorpus:
+def fake_corpus(n=600, max_len=40, vocab=40, seed=0) -> token_cache.TokenizedCorpus:
   """Correlated source and target lengths, like a real parallel corpus; EOS_ID ends each side."""
   rng = np.random.default_rng(seed)
   src_len = rng.integers(2, max_len, n)
@@ -25,7 +25,7 @@ def fake_corpus(n=600, max_len=40, vocab=40, seed=0) -> pipeline.TokenizedCorpus
     tokens[offsets[1:] - 1] = EOS_ID
     return tokens, offsets
   (s, so), (t, to) = side(src_len), side(tgt_len)
-  return pipeline.TokenizedCorpus(s, so, t, to)
+  return token_cache.TokenizedCorpus(s, so, t, to)
 
 
 def epoch_batches(corpus, max_len=32, budget=512, **kwargs):
@@ -135,16 +135,16 @@ def test_tokenize_corpus_round_trips_and_caches(tmp_path):
   text = [{"en": f"the word {w} is here".encode(), "de": f"das Wort {w} ist hier".encode()}
           for w in ["alpha", "beta", "gamma", "delta", "epsilon"] * 20]
   tokenizer = train_tokenizer((s for ex in text for s in ex.values()), vocab_size=60)
-  cache = tmp_path / pipeline.corpus_cache_name("toy", "train", len(text), tokenizer)
-  corpus = pipeline.tokenize_corpus(text, "en", "de", tokenizer, cache_path=str(cache), chunk_size=7)
+  cache = tmp_path / token_cache.corpus_cache_name("toy", "train", len(text), tokenizer)
+  corpus = token_cache.tokenize_corpus(text, "en", "de", tokenizer, cache_path=str(cache), chunk_size=7)
   assert cache.exists() and len(corpus) == len(text)
   for i in (0, 13, 99):
     assert tokenizer.decode(corpus.source(i)) == text[i]["en"].decode()
     assert tokenizer.decode(corpus.target(i)) == text[i]["de"].decode()
-  again = pipeline.tokenize_corpus([], "en", "de", tokenizer, cache_path=str(cache))
+  again = token_cache.tokenize_corpus([], "en", "de", tokenizer, cache_path=str(cache))
   np.testing.assert_array_equal(again.tgt, corpus.tgt)
   # Memory-mapped from the cache's .npy files, not read into memory.
-  assert all(isinstance(getattr(again, k), np.memmap) for k in pipeline.CORPUS_ARRAYS)
+  assert all(isinstance(getattr(again, k), np.memmap) for k in token_cache.CORPUS_ARRAYS)
   assert not again.src.flags.writeable
   import pickle
   shipped = pickle.dumps(again)  # As grain sends it to a worker process: file names, not tokens.
@@ -156,12 +156,12 @@ def test_tokenizing_in_several_processes_gives_the_same_arrays(tmp_path):
   text = [{"en": f"sentence {i} with {w}".encode(), "de": f"Satz {i} mit {w}".encode()}
           for i, w in enumerate(["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta"] * 9)]
   tokenizer = train_tokenizer((s for ex in text for s in ex.values()), vocab_size=60)
-  serial = pipeline.tokenize_corpus(text, "en", "de", tokenizer, chunk_size=5)
-  parallel = pipeline.tokenize_corpus(text, "en", "de", tokenizer, chunk_size=3, processes=2,
+  serial = token_cache.tokenize_corpus(text, "en", "de", tokenizer, chunk_size=5)
+  parallel = token_cache.tokenize_corpus(text, "en", "de", tokenizer, chunk_size=3, processes=2,
                                       cache_path=tmp_path / "cache")
-  for name in pipeline.CORPUS_ARRAYS:
+  for name in token_cache.CORPUS_ARRAYS:
     np.testing.assert_array_equal(getattr(parallel, name), getattr(serial, name))
-  assert pipeline.is_corpus_cache(tmp_path / "cache")
+  assert token_cache.is_corpus_cache(tmp_path / "cache")
   assert tokenizer.decode(parallel.target(62)) == text[62]["de"].decode()
 
 
@@ -170,10 +170,10 @@ def test_batches_from_the_mapped_cache_equal_batches_from_arrays_in_memory(tmp_p
   corpus = tiny_run.fake_corpus()
   cache = tmp_path / "cache"
   (tmp_path / "cache.tmp").mkdir()
-  for name in pipeline.CORPUS_ARRAYS:
+  for name in token_cache.CORPUS_ARRAYS:
     np.save(tmp_path / "cache.tmp" / f"{name}.npy", getattr(corpus, name))
   (tmp_path / "cache.tmp").rename(cache)
-  mapped = pipeline.load_corpus_cache(str(cache))
+  mapped = token_cache.load_corpus_cache(str(cache))
   indices, _ = pipeline.keep_indices(corpus, 32)
   for packing in (False, True):
     make = lambda c: pipeline.EpochBatches(c, indices, tokens_per_batch=256, max_len=32, packing=packing,

@@ -20,7 +20,7 @@ import tiny_run
 from tiny_run import tiny_batches, tiny_setup
 from transformer_jax import base_config, checkpoints, errors, sharding, steps, trainer
 from transformer_jax.optim import learning_rate_schedule
-from transformer_jax.data import pipeline
+from transformer_jax.data import pipeline, token_cache
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY_RUN = str(ROOT / "tests" / "tiny_run.py")
@@ -215,7 +215,7 @@ def test_a_tiny_model_learns_to_reverse_sequences_exactly(dtype):
     tgt = src.copy()
     for i in range(n):
       tgt[offsets[i]:offsets[i + 1] - 1] = src[offsets[i]:offsets[i + 1] - 1][::-1]
-    return pipeline.TokenizedCorpus(src, offsets, tgt, offsets.copy())
+    return token_cache.TokenizedCorpus(src, offsets, tgt, offsets.copy())
   corpus = reversal_corpus(4000)
   batches = pipeline.EpochBatches(corpus, np.arange(len(corpus)), tokens_per_batch=512, max_len=16,
                                   packing=True, seed=0, shuffle=True, num_epochs=None)

@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from transformer_jax import checkpoints, decode, paths, sharding
 from transformer_jax.config import decode_tokens_per_batch
-from transformer_jax.data import pipeline
+from transformer_jax.data import pipeline, token_cache
 from transformer_jax.errors import CheckpointError, DataError, MissingFileError, UserError, run_command
 from transformer_jax.steps import Setup, make_setup
 from transformer_jax.tokenizer import MARIAN_TOKENIZER_DIR, MarianVocabTokenizer, Tokenizer, load_run_tokenizer
@@ -72,7 +72,7 @@ def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: s
   return bleu.corpus_score([prepare(h) for h in hypotheses], [[prepare(r) for r in references]]).score
 
 
-def translate_corpus(setup: Setup, params: Any, corpus: pipeline.TokenizedCorpus,
+def translate_corpus(setup: Setup, params: Any, corpus: token_cache.TokenizedCorpus,
                      indices: np.ndarray, tokenizer, *, tokens_per_batch: int, max_len: int,
                      beam_size: int, alpha: float, max_extra_len: int) -> list[str]:
   """Translates the sources of `corpus[indices]`, batched by length, in the order of `indices`.
@@ -122,7 +122,7 @@ class Run:
     lengths = np.asarray([len(x) for x in ids])
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     flat = np.fromiter((t for x in ids for t in x), np.int32, int(lengths.sum()))
-    corpus = pipeline.TokenizedCorpus(flat, offsets, flat, offsets)  # Targets unused.
+    corpus = token_cache.TokenizedCorpus(flat, offsets, flat, offsets)  # Targets unused.
     max_len = max(int(lengths.max(initial=1)), int(self.config.data.max_len))
     return translate_corpus(
         self.setup, self.params, corpus, np.arange(len(sentences)),

@@ -20,7 +20,7 @@ import numpy as np
 
 from transformer_jax import checkpoints, evaluate, hosts, marian, paths, sharding, trainer
 from transformer_jax.config import decode_tokens_per_batch, validate_run_config
-from transformer_jax.data import pipeline, sources
+from transformer_jax.data import pipeline, sources, token_cache
 from transformer_jax.errors import ConfigError, DataError
 from transformer_jax.steps import Setup, evaluate_loss, make_setup
 from transformer_jax.tokenizer import (MARIAN_TOKENIZER_DIR, SPECIAL_IDS_FILE, MarianVocabTokenizer,
@@ -35,7 +35,7 @@ class Split:
 
   name: str
   raw: Any  # data.sources.ParallelData
-  corpus: pipeline.TokenizedCorpus
+  corpus: token_cache.TokenizedCorpus
   indices: np.ndarray
 
   def references(self, indices: np.ndarray | None = None) -> list[str]:
@@ -90,15 +90,15 @@ def load_split(config: ml_collections.ConfigDict, workdir: str, name: str, token
   """A split, prepared (tfds) and tokenized (cached in `workdir/cache`) by process 0 while the
   other processes wait, then read by all."""
 
-  def prepare() -> tuple[Any, pipeline.TokenizedCorpus]:
+  def prepare() -> tuple[Any, token_cache.TokenizedCorpus]:
     raw = sources.load_split(config.data, name)
-    cache = paths.resolve(workdir) / "cache" / pipeline.corpus_cache_name(
+    cache = paths.resolve(workdir) / "cache" / token_cache.corpus_cache_name(
         f"{raw.name}-{raw.source_lang}-{raw.target_lang}", name, len(raw.examples), tokenizer)
-    if not pipeline.is_corpus_cache(cache):
+    if not token_cache.is_corpus_cache(cache):
       if jax.process_index() > 0:
         log.warning("%s is not where process 0 wrote it (is the workdir shared?): tokenizing here too.", cache)
       log.info("%s: tokenizing %d examples into %s.", name, len(raw.examples), cache)
-    corpus = pipeline.tokenize_corpus(
+    corpus = token_cache.tokenize_corpus(
         raw.examples, raw.source_lang, raw.target_lang, tokenizer, cache_path=cache,
         processes=config.data.tokenize_processes, local_dir=config.data.local_cache_dir)
     return raw, corpus
