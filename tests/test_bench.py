@@ -32,6 +32,7 @@ def test_train_step_benchmark_prints_step_time_and_mfu():
   assert "peak (the highest)" in out
 
 
+@pytest.mark.slow  # About a minute: it compiles four train steps.
 def test_dropout_benchmark_times_the_four_variants():
   out = run_script("bench/dropout.py", "--size", "small", "--batch", "2x16", "--rounds", "1")
   rows = {line[:28].strip(): line[28:].split() for line in out.splitlines()[-4:]}
@@ -88,6 +89,7 @@ def test_decode_benchmark_times_ours_and_hugging_face_on_the_same_weights():
   assert "beam 2: translations identical to HF generate's: 2/2" in out
 
 
+@pytest.mark.slow  # About two minutes: every part of the GPU check, on the CPU.
 def test_the_gpu_check_runs_every_part_at_tiny_sizes(tmp_path):
   # On a CPU the cudnn parts are left out; on a GPU the same commands run at full size.
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable}
