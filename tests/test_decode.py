@@ -13,8 +13,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from conftest import init_params, random_tokens, tiny_config
 from transformer_jax import BOS_ID, EOS_ID, PAD_ID, Transformer
 from transformer_jax.decode import (
-    beam_search, cached_decoder, expand_to_beams, greedy_search, length_penalty, make_translate_fn,
-    translate)
+    CacheGrowth, beam_search, blockwise_top_k, cached_decoder, doubling_lengths, expand_to_beams,
+    greedy_search, grow_self_cache, length_penalty, make_translate_fn, translate)
 from bench.uncached_decode import greedy_search_uncached, uncached_decoder
 
 # Fake models over a vocabulary of 5 ids. They give PAD_ID and BOS_ID probability 0, so outputs are
@@ -262,6 +262,9 @@ def test_bad_arguments_are_refused():
 
 S = 7  # Padded source length.
 EXTRA = 10  # Output positions beyond the source length; the paper uses 50.
+# The self-attention cache starts with 3 positions and grows to 6, 12, then 17 (S + EXTRA): the
+# tests that compare `translate_fn` with other decoders check the growing cache too.
+FIRST_CACHE_LEN = 3
 
 
 @functools.cache
@@ -286,7 +289,8 @@ def model_and_sources(batch_size=8, seed=0, **overrides):
 def translate_fn(beam_size):
   """The compiled translate of the default model, shared by the tests (one compile per shape)."""
   model, _, _ = model_and_sources()
-  return make_translate_fn(model, beam_size=beam_size, alpha=0.6, max_extra_len=EXTRA)
+  return make_translate_fn(model, beam_size=beam_size, alpha=0.6, max_extra_len=EXTRA,
+                           first_cache_len=FIRST_CACHE_LEN)
 
 
 def test_cached_greedy_equals_uncached_greedy():
@@ -330,6 +334,50 @@ def test_beam_of_one_without_length_penalty_is_greedy_on_the_transformer():
   np.testing.assert_array_equal(beam, greedy)
   # translate takes the greedy path for a beam of one, whatever alpha.
   np.testing.assert_array_equal(translate_fn(1)(params, src), greedy)
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_a_growing_cache_decodes_as_a_full_one(beam_size):
+  """Growing the cache in stages (3, 6, 12, 17 positions) changes no token: a stage boundary
+  placed wrong would write past the cache (clamped by dynamic_update_slice) or lose positions."""
+  model, params, src = model_and_sources()
+  assert doubling_lengths(S + EXTRA, FIRST_CACHE_LEN) == (3, 6, 12, 17)
+  full = make_translate_fn(model, beam_size, 0.6, EXTRA, first_cache_len=S + EXTRA)(params, src)
+  grown = translate_fn(beam_size)(params, src)
+  np.testing.assert_array_equal(grown, full)
+  # Some outputs run past the first stages, so the test crosses every boundary.
+  lengths = np.sum(np.cumprod(np.asarray(full) != EOS_ID, axis=1), axis=1)
+  assert lengths.max() >= 12, lengths
+
+
+def test_cache_growth_lengths_are_checked():
+  assert doubling_lengths(10, 16) == (10,)
+  assert doubling_lengths(113, 32) == (32, 64, 113)
+  assert doubling_lengths(64, 32) == (32, 64)
+  with pytest.raises(ValueError, match="first"):
+    doubling_lengths(10, 0)
+  model, params, src = model_and_sources()
+  encoded = model.apply({"params": params}, src, method=Transformer.encode)
+  tokens_to_logits, cache = cached_decoder(model, params, encoded, src, 4)
+  for lengths in [(4, 8), (4, 20, 17), (8, 4, 17)]:
+    with pytest.raises(ValueError, match="must increase to max_len=17"):
+      greedy_search(tokens_to_logits, cache, src.shape[0], 17, CacheGrowth(lengths, grow_self_cache))
+
+
+@pytest.mark.parametrize("n", [37, 64, 100, 256, 1000])
+def test_blockwise_top_k_is_top_k_ties_included(n):
+  """Values from a few levels, so that most are tied, some -inf, and rows that are all -inf:
+  the same values and indices as lax.top_k (ties to the lower index), whatever n and block."""
+  rng = np.random.default_rng(n)
+  x = rng.integers(0, 6, (16, n)).astype(np.float32)
+  x[rng.random(x.shape) < 0.3] = -np.inf
+  x[3] = -np.inf
+  x[5, -1] = 9.0  # A best value in the last, partial block.
+  for k, block in [(1, 4), (5, 4), (8, 16), (8, 64), (3, 7)]:
+    got = blockwise_top_k(jnp.asarray(x), k, block)
+    want = jax.lax.top_k(jnp.asarray(x), k)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])

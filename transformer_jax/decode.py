@@ -15,19 +15,23 @@ D d_model, V vocabulary.
 
 Outputs hold the generated tokens only (no BOS_ID): EOS_ID ends a sequence and PAD_ID follows it. A
 sequence without EOS_ID ran out of room at L tokens.
+
+A cache may also grow as the output does (`CacheGrowth`): the search then runs in stages, each with
+a cache of fixed length, because every step reads (and beam search reorders) the whole cache, and
+a batch whose outputs end early should not pay for the L positions it was allowed.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from transformer_jax.attention import ENCODER_CACHE
+from transformer_jax.attention import ENCODER_CACHE, SELF_CACHE_LENGTH_AXIS
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID
 from transformer_jax.model import Transformer, init_cache
 
@@ -36,6 +40,34 @@ Cache = Any
 TokensToLogits = Callable[[Array, Cache, Array], tuple[Array, Cache]]
 
 NEG_INF = float("-inf")  # The log-probability of an impossible or empty hypothesis.
+
+
+class CacheGrowth(NamedTuple):
+  """A cache that grows with the output, in stages.
+
+  The initial cache holds `lengths[0]` output positions. The search runs steps 0 .. lengths[0] - 1
+  against it, then `grow(cache, lengths[1])` pads it to lengths[1] positions (those written stay
+  as they are), and so on; the last length is the maximum output length L. Each stage is its own
+  loop in the compiled program, so a stage that is never reached costs compilation time only.
+  """
+
+  lengths: tuple[int, ...]
+  grow: Callable[[Cache, int], Cache]
+
+
+def doubling_lengths(max_len: int, first: int) -> tuple[int, ...]:
+  """Cache lengths first, 2 first, 4 first, ... below max_len, then max_len.
+
+  The cache a step reads is then never more than twice the positions written so far, as long
+  as at least `first` are; `first` >= max_len gives one stage.
+  """
+  if not isinstance(first, int) or first < 1:
+    raise ValueError(f"first={first!r} must be a positive int")
+  lengths = []
+  while first < max_len:
+    lengths.append(first)
+    first *= 2
+  return (*lengths, max_len)
 
 
 def length_penalty(length: Array | int, alpha: float) -> Array:
@@ -77,7 +109,8 @@ def _gather_beams(tree: Any, parent: Array) -> Any:
   def gather(x: Array) -> Array:
     x = x.reshape(B, K, *x.shape[1:])
     index = parent.reshape(B, K, *([1] * (x.ndim - 2)))
-    return jnp.take_along_axis(x, index, axis=1).reshape(B * K, *x.shape[2:])
+    # In bounds by construction: without the promise, XLA adds a pass that fills out-of-bounds rows.
+    return jnp.take_along_axis(x, index, axis=1, mode="promise_in_bounds").reshape(B * K, *x.shape[2:])
 
   return jax.tree.map(gather, tree)
 
@@ -92,8 +125,26 @@ def _check_search_args(batch_size: int, max_len: int, beam_size: int = 1, alpha:
     raise ValueError(f"alpha={alpha!r} must be >= 0")
 
 
+def _search_loop(not_finished, step, state: tuple, max_len: int, growth: CacheGrowth | None):
+  """`lax.while_loop(not_finished, step, state)`, in stages when the cache grows.
+
+  `state` is (step index, ..., cache): stage j runs while the index is below lengths[j], the
+  positions its cache holds.
+  """
+  if growth is None:
+    return jax.lax.while_loop(not_finished, step, state)
+  lengths = tuple(growth.lengths)
+  if not lengths or lengths[-1] != max_len or any(a >= b for a, b in zip(lengths, lengths[1:])):
+    raise ValueError(f"cache lengths {lengths} must increase to max_len={max_len}")
+  for stage, length in enumerate(lengths):
+    if stage:
+      state = (*state[:-1], growth.grow(state[-1], length))
+    state = jax.lax.while_loop(lambda s, n=length: not_finished(s) & (s[0] < n), step, state)
+  return state
+
+
 def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
-                  max_len: int) -> Array:
+                  max_len: int, growth: CacheGrowth | None = None) -> Array:
   """Greedy decoding: at every step, the most probable next token.
 
   Stops as soon as every sequence has produced EOS_ID, or after `max_len` tokens. Traceable:
@@ -104,6 +155,7 @@ def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: in
     cache: its initial state; every leaf [B, ...].
     batch_size: B.
     max_len: L, the most tokens to generate (EOS_ID included).
+    growth: how the cache grows, if it does; without it the cache holds L positions from the start.
 
   Returns:
     [B, L] int32 generated tokens, PAD_ID after EOS_ID.
@@ -117,8 +169,11 @@ def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: in
   def step(state):
     i, tokens, last, done, cache = state
     logits, cache = tokens_to_logits(last[:, None], cache, i)
-    # Rows that have finished keep emitting padding; their model outputs are never used.
-    next_token = jnp.where(done, PAD_ID, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    # Rows that have finished keep emitting padding; their model outputs are never used. A top-1
+    # is the argmax (ties to the lower id), and took 0.1 ms where XLA's argmax over [32, 8000]
+    # logits took 0.6 ms on a CPU.
+    best = _top_k(logits, 1)[1][:, 0].astype(jnp.int32)
+    next_token = jnp.where(done, PAD_ID, best)
     tokens = jax.lax.dynamic_update_slice(tokens, next_token[:, None], (0, i))
     return i + 1, tokens, next_token, done | (next_token == EOS_ID), cache
 
@@ -129,11 +184,12 @@ def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: in
       jnp.zeros((batch_size,), jnp.bool_),
       cache,
   )
-  return jax.lax.while_loop(not_finished, step, state)[1]
+  return _search_loop(not_finished, step, state, max_len, growth)[1]
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int, beam_size: int,
-                max_len: int, alpha: float = 0.6) -> tuple[Array, Array]:
+                max_len: int, alpha: float = 0.6,
+                growth: CacheGrowth | None = None) -> tuple[Array, Array]:
   """Beam search with the GNMT length penalty, as in section 6.1 (beam 4, alpha 0.6).
 
   Each example keeps K alive hypotheses (not yet ended) and K finished ones (ended by EOS_ID).
@@ -162,6 +218,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
     beam_size: K.
     max_len: L, the most tokens a hypothesis may have (EOS_ID included).
     alpha: the length penalty's strength, >= 0.
+    growth: how the cache grows, if it does (see `greedy_search`).
 
   Returns:
     sequences: [B, K, L] int32, best first, PAD_ID after EOS_ID.
@@ -222,8 +279,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
       jnp.full((B, K, L), PAD_ID, jnp.int32),
       expand_to_beams(cache, K),
   )
-  _, alive_seqs, alive_logprob, _, finished_scores, finished_seqs, _ = jax.lax.while_loop(
-      not_finished, step, state)
+  _, alive_seqs, alive_logprob, _, finished_scores, finished_seqs, _ = _search_loop(
+      not_finished, step, state, L, growth)
 
   # An example with real alive hypotheses is never done before max_len, so alive ones that are
   # returned have L tokens.
@@ -238,16 +295,38 @@ def _top_k(x: Array, k: int) -> tuple[Array, Array]:
 
   Left to itself, XLA gathers the whole batch onto every device for a top-k (its partitioner does
   not split the sort); under a mesh whose logical rules shard "batch", this runs one top-k per
-  device on its rows instead. Without a mesh, it is `lax.top_k`.
+  device on its rows instead.
   """
   mesh = jax.sharding.get_abstract_mesh()
   axes = nn.logical_to_mesh_axes(("batch", None))[0] if not mesh.empty else None
   axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if mesh.shape[a] > 1)
   if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    return jax.lax.top_k(x, k)
+    return blockwise_top_k(x, k)
   spec = jax.sharding.PartitionSpec(axes)
-  return jax.shard_map(lambda rows: tuple(jax.lax.top_k(rows, k)), mesh=mesh, in_specs=spec,
+  return jax.shard_map(lambda rows: blockwise_top_k(rows, k), mesh=mesh, in_specs=spec,
                        out_specs=(spec, spec))(x)
+
+
+def blockwise_top_k(x: Array, k: int, block: int = 64) -> tuple[Array, Array]:
+  """`lax.top_k(x, k)` of [B, N], exactly (ties to the lower index), through blocks of N.
+
+  Split each row into blocks of `block` values: the k best values lie in the k blocks with the
+  best maxima (a block holding one of them has a maximum at least as good), so a top-k over the
+  block maxima, then over the values of those k blocks in their original order, finds them.
+  XLA's CPU top-k sorts every value; over beam search's 4 * 8,000 candidates of 32 sentences
+  this takes 0.16 ms instead of 1.2 ms.
+  """
+  rows, n = x.shape
+  if n <= k * block:
+    return tuple(jax.lax.top_k(x, k))
+  if n % block:  # Padding at the end loses every tie, so it is never chosen over a real value.
+    x = jnp.pad(x, ((0, 0), (0, block - n % block)), constant_values=NEG_INF)
+  blocks = x.reshape(rows, -1, block)
+  _, best = jax.lax.top_k(jnp.max(blocks, axis=-1), k)
+  best = jnp.sort(best, axis=-1)  # In index order, so that ties still go to the lower index.
+  values = jnp.take_along_axis(blocks, best[:, :, None], axis=1, mode="promise_in_bounds")
+  top, position = jax.lax.top_k(values.reshape(rows, k * block), k)
+  return top, jnp.take_along_axis(best, position // block, axis=1) * block + position % block
 
 
 # Model glue: the Transformer as a tokens -> logits callable.
@@ -290,6 +369,15 @@ def cached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
   return tokens_to_logits, self_cache
 
 
+def grow_self_cache(cache: Cache, length: int) -> Cache:
+  """`cached_decoder`'s cache padded to `length` output positions (`CacheGrowth.grow`)."""
+  def pad(x: Array) -> Array:
+    widths = [(0, 0)] * x.ndim
+    widths[SELF_CACHE_LENGTH_AXIS] = (0, length - x.shape[SELF_CACHE_LENGTH_AXIS])
+    return jnp.pad(x, widths)
+  return jax.tree.map(pad, cache)
+
+
 def never_generated(logits: Array) -> Array:
   """[..., V] logits with PAD_ID and BOS_ID made impossible: a translation never contains them.
 
@@ -308,7 +396,7 @@ def check_output_length(model: Transformer, max_len: int):
 
 
 def translate(model: Transformer, params: Any, src: Array, *, beam_size: int, alpha: float,
-              max_extra_len: int = 50) -> Array:
+              max_extra_len: int = 50, first_cache_len: int = 32) -> Array:
   """Translates a batch of sources: encode once, then cached beam search (section 6.1).
 
   The output may hold up to S + max_extra_len tokens, S being the padded source length. With
@@ -321,6 +409,8 @@ def translate(model: Transformer, params: Any, src: Array, *, beam_size: int, al
     beam_size: K; the paper uses 4.
     alpha: the length penalty, see `length_penalty`; the paper uses 0.6.
     max_extra_len: how many tokens the output may exceed the source by; the paper uses 50.
+    first_cache_len: the self-attention cache starts with this many positions and doubles when
+      the output reaches them (`doubling_lengths`), up to S + max_extra_len.
 
   Returns:
     [B, S + max_extra_len] int32 tokens of the best hypothesis, PAD_ID after EOS_ID.
@@ -329,15 +419,17 @@ def translate(model: Transformer, params: Any, src: Array, *, beam_size: int, al
   max_len = src_len + max_extra_len
   check_output_length(model, max_len)
   encoded = model.apply({"params": params}, src, method=Transformer.encode)
-  tokens_to_logits, cache = cached_decoder(model, params, encoded, src, max_len)
+  lengths = doubling_lengths(max_len, first_cache_len)
+  tokens_to_logits, cache = cached_decoder(model, params, encoded, src, lengths[0])
+  growth = CacheGrowth(lengths, grow_self_cache)
   if beam_size == 1:
-    return greedy_search(tokens_to_logits, cache, batch_size, max_len)
-  sequences, _ = beam_search(tokens_to_logits, cache, batch_size, beam_size, max_len, alpha)
+    return greedy_search(tokens_to_logits, cache, batch_size, max_len, growth)
+  sequences, _ = beam_search(tokens_to_logits, cache, batch_size, beam_size, max_len, alpha, growth)
   return sequences[:, 0]
 
 
-def make_translate_fn(model: Transformer, beam_size: int, alpha: float,
-                      max_extra_len: int = 50) -> Callable[[Any, Array], Array]:
+def make_translate_fn(model: Transformer, beam_size: int, alpha: float, max_extra_len: int = 50,
+                      first_cache_len: int = 32) -> Callable[[Any, Array], Array]:
   """`translate` compiled with `jax.jit`: `(params, src [B, S]) -> tokens [B, S + max_extra_len]`.
 
   It compiles once per source shape; batching sources into a few padded lengths keeps the number
@@ -350,6 +442,6 @@ def make_translate_fn(model: Transformer, beam_size: int, alpha: float,
   @jax.jit
   def translate_fn(params: Any, src: Array) -> Array:
     return translate(model, params, src, beam_size=beam_size, alpha=alpha,
-                     max_extra_len=max_extra_len)
+                     max_extra_len=max_extra_len, first_cache_len=first_cache_len)
 
   return translate_fn
