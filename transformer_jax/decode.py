@@ -296,7 +296,7 @@ def _top_k(x: Array, k: int) -> tuple[Array, Array]:
 
   Left to itself, XLA gathers the whole batch onto every device for a top-k (its partitioner does
   not split the sort); under a mesh whose logical rules shard "batch", this runs one top-k per
-  device on its rows instead.
+  device on its rows instead. Either way the top-k is `blockwise_top_k`.
   """
   mesh = jax.sharding.get_abstract_mesh()
   axes = nn.logical_to_mesh_axes(("batch", None))[0] if not mesh.empty else None
