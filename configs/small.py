@@ -21,7 +21,10 @@ def get_config():
   config.data.packing = True  # One batch shape (one compilation) and little padding.
   config.train.num_steps = 100_000  # The time budget ends the run first.
   config.train.time_budget_minutes = 30.0
-  config.train.warmup_steps = 1000
+  # Chosen on validation (never the test): with the paper's schedule, 400 warm-up steps instead of
+  # 1,000 (the same learning rate from step 1,000 on) gave validation loss 2.53 against 2.80 at
+  # step 1,000 (greedy BLEU 15.5 against 14.1); doubling the learning rate instead gave 2.82.
+  config.train.warmup_steps = 400
   config.train.log_every = 20
   config.train.eval_every = 250  # Time to quality is read off the validation passes.
   # Section 6.1 averages the last 5 checkpoints, written 10 minutes apart in 12 hours; here they are
