@@ -459,3 +459,21 @@ def test_beam_search_on_a_mesh_searches_each_devices_rows_without_gathering_the_
   assert "TopK" in hlo or "top_k" in hlo.lower() or "sort" in hlo
   # Only the loop's "is any hypothesis alive" test crosses devices: no all-gather of scores.
   assert "all-gather" not in hlo
+
+
+def test_blockwise_top_k_on_a_mesh_runs_on_each_devices_rows():
+  """Rows long enough for the blockwise path, split over 8 devices by the logical rules: the same
+  values and indices as lax.top_k, and no all-gather in the program."""
+  import flax.linen as nn
+  from transformer_jax.decode import _top_k
+  mesh = data_mesh()
+  x = jax.random.randint(jax.random.key(0), (16, 1000), 0, 50).astype(jnp.float32)
+  sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+  with jax.set_mesh(mesh), nn.logical_axis_rules((("batch", "data"),)):
+    search = jax.jit(lambda x: _top_k(x, 8))
+    values, indices = search(sharded)
+    hlo = search.lower(sharded).compile().as_text()
+  want = jax.lax.top_k(x, 8)
+  np.testing.assert_array_equal(values, want[0])
+  np.testing.assert_array_equal(indices, want[1])
+  assert "all-gather" not in hlo
