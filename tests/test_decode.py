@@ -13,8 +13,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from conftest import init_params, random_tokens, tiny_config
 from transformer_jax import BOS_ID, EOS_ID, PAD_ID, Transformer
 from transformer_jax.decode import (
-    CacheGrowth, beam_search, blockwise_top_k, cached_decoder, doubling_lengths, expand_to_beams,
+    CacheGrowth, beam_search, cached_decoder, doubling_lengths, expand_to_beams,
     greedy_search, grow_self_cache, length_penalty, make_translate_fn, translate)
+from transformer_jax.topk import blockwise_top_k, per_device_top_k
 from bench.uncached_decode import greedy_search_uncached, uncached_decoder
 
 # Fake models over a vocabulary of 5 ids. They give PAD_ID and BOS_ID probability 0, so outputs are
@@ -465,12 +466,11 @@ def test_blockwise_top_k_on_a_mesh_runs_on_each_devices_rows():
   """Rows long enough for the blockwise path, split over 8 devices by the logical rules: the same
   values and indices as lax.top_k, and no all-gather in the program."""
   import flax.linen as nn
-  from transformer_jax.decode import _top_k
   mesh = data_mesh()
   x = jax.random.randint(jax.random.key(0), (16, 1000), 0, 50).astype(jnp.float32)
   sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
   with jax.set_mesh(mesh), nn.logical_axis_rules((("batch", "data"),)):
-    search = jax.jit(lambda x: _top_k(x, 8))
+    search = jax.jit(lambda x: per_device_top_k(x, 8))
     values, indices = search(sharded)
     hlo = search.lower(sharded).compile().as_text()
   want = jax.lax.top_k(x, 8)

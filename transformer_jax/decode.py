@@ -16,17 +16,14 @@ D d_model, V vocabulary.
 Outputs hold the generated tokens only (no BOS_ID): EOS_ID ends a sequence and PAD_ID follows it. A
 sequence without EOS_ID ran out of room at L tokens.
 
-A cache may also grow as the output does (`CacheGrowth`): the search then runs in stages, each with
-a cache of fixed length, because every step reads (and beam search reorders) the whole cache, and
-a batch whose outputs end early should not pay for the L positions it was allowed.
+A cache may also grow as the output does (`CacheGrowth`), so that a batch whose outputs end early
+does not read and reorder the L positions it was allowed at every step.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
@@ -34,6 +31,7 @@ from flax import traverse_util
 from transformer_jax.attention import ENCODER_CACHE, SELF_CACHE_LENGTH_AXIS
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID
 from transformer_jax.model import Transformer, init_cache
+from transformer_jax.topk import per_device_top_k
 
 Array = jax.Array
 Cache = Any
@@ -46,10 +44,9 @@ FIRST_CACHE_LEN = 32  # Beam search's first self-attention cache length; see `tr
 class CacheGrowth(NamedTuple):
   """A cache that grows with the output, in stages.
 
-  The initial cache holds `lengths[0]` output positions. The search runs steps 0 .. lengths[0] - 1
-  against it, then `grow(cache, lengths[1])` pads it to lengths[1] positions (those written stay
-  as they are), and so on; the last length is the maximum output length L. Each stage is its own
-  loop in the compiled program, so a stage that is never reached costs compilation time only.
+  The initial cache holds `lengths[0]` output positions; the search runs steps 0 .. lengths[0] - 1
+  against it, then `grow(cache, lengths[1])` pads it, and so on up to L. Each stage is its own
+  loop in the compiled program: one that is never reached costs compilation time only.
   """
 
   lengths: tuple[int, ...]
@@ -57,11 +54,8 @@ class CacheGrowth(NamedTuple):
 
 
 def doubling_lengths(max_len: int, first: int) -> tuple[int, ...]:
-  """Cache lengths first, 2 first, 4 first, ... below max_len, then max_len.
-
-  The cache a step reads is then never more than twice the positions written so far, as long
-  as at least `first` are; `first` >= max_len gives one stage.
-  """
+  """Cache lengths first, 2 first, 4 first, ... below max_len, then max_len (`first` >= max_len:
+  one stage). A step then reads at most twice the positions written, once `first` are."""
   if not isinstance(first, int) or first < 1:
     raise ValueError(f"first={first!r} must be a positive int")
   lengths = []
@@ -127,11 +121,8 @@ def _check_search_args(batch_size: int, max_len: int, beam_size: int = 1, alpha:
 
 
 def _search_loop(not_finished, step, state: tuple, max_len: int, growth: CacheGrowth | None):
-  """`lax.while_loop(not_finished, step, state)`, in stages when the cache grows.
-
-  `state` is (step index, ..., cache): stage j runs while the index is below lengths[j], the
-  positions its cache holds.
-  """
+  """`lax.while_loop(not_finished, step, state)` over state (step index, ..., cache), in stages
+  when the cache grows: stage j runs while the index is below lengths[j], the cache's length."""
   if growth is None:
     return jax.lax.while_loop(not_finished, step, state)
   lengths = tuple(growth.lengths)
@@ -170,10 +161,8 @@ def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: in
   def step(state):
     i, tokens, last, done, cache = state
     logits, cache = tokens_to_logits(last[:, None], cache, i)
-    # Rows that have finished keep emitting padding; their model outputs are never used. A top-1
-    # is the argmax (ties to the lower id), and took 0.1 ms where XLA's argmax over [32, 8000]
-    # logits took 0.6 ms on a CPU.
-    best = _top_k(logits, 1)[1][:, 0].astype(jnp.int32)
+    # Finished rows emit padding (their outputs are unused). Top-1: argmax, 6x faster on a CPU.
+    best = per_device_top_k(logits, 1)[1][:, 0].astype(jnp.int32)
     next_token = jnp.where(done, PAD_ID, best)
     tokens = jax.lax.dynamic_update_slice(tokens, next_token[:, None], (0, i))
     return i + 1, tokens, next_token, done | (next_token == EOS_ID), cache
@@ -246,7 +235,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
 
     # Each alive hypothesis has one EOS extension, so the best 2K extensions hold at least K that
     # do not end: enough to refill the alive list.
-    top_logprob, top_index = _top_k(candidates.reshape(B, K * V), 2 * K)  # [B, 2K]
+    top_logprob, top_index = per_device_top_k(candidates.reshape(B, K * V), 2 * K)  # [B, 2K]
     top_beam, top_token = top_index // V, top_index % V
     top_seqs = jnp.take_along_axis(alive_seqs, top_beam[:, :, None], axis=1)  # [B, 2K, L]
     top_seqs = jax.lax.dynamic_update_slice(top_seqs, top_token[:, :, None], (0, 0, i))
@@ -259,11 +248,11 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
     new_scores = jnp.where(ends & in_beam, top_logprob / length_penalty(i + 1, alpha), NEG_INF)
     merged_scores = jnp.concatenate([finished_scores, new_scores], axis=1)  # [B, 3K]
     merged_seqs = jnp.concatenate([finished_seqs, top_seqs], axis=1)
-    finished_scores, keep = _top_k(merged_scores, K)
+    finished_scores, keep = per_device_top_k(merged_scores, K)
     finished_seqs = jnp.take_along_axis(merged_seqs, keep[:, :, None], axis=1)
 
     # Alive: the best K extensions that do not end.
-    alive_logprob, keep = _top_k(jnp.where(ends, NEG_INF, top_logprob), K)
+    alive_logprob, keep = per_device_top_k(jnp.where(ends, NEG_INF, top_logprob), K)
     alive_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
     alive_last = jnp.take_along_axis(top_token, keep, axis=1)
     cache = _gather_beams(cache, jnp.take_along_axis(top_beam, keep, axis=1))
@@ -289,45 +278,6 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
   sequences = jnp.where(any_finished[:, None, None], finished_seqs, alive_seqs)
   scores = jnp.where(any_finished[:, None], finished_scores, alive_logprob / max_penalty)
   return sequences, scores
-
-
-def _top_k(x: Array, k: int) -> tuple[Array, Array]:
-  """`lax.top_k` over the last axis of [B, N], each device on its own rows of the batch.
-
-  Left to itself, XLA gathers the whole batch onto every device for a top-k (its partitioner does
-  not split the sort); under a mesh whose logical rules shard "batch", this runs one top-k per
-  device on its rows instead. Either way the top-k is `blockwise_top_k`.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  axes = nn.logical_to_mesh_axes(("batch", None))[0] if not mesh.empty else None
-  axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if mesh.shape[a] > 1)
-  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    return blockwise_top_k(x, k)
-  spec = jax.sharding.PartitionSpec(axes)
-  return jax.shard_map(lambda rows: blockwise_top_k(rows, k), mesh=mesh, in_specs=spec,
-                       out_specs=(spec, spec))(x)
-
-
-def blockwise_top_k(x: Array, k: int, block: int = 64) -> tuple[Array, Array]:
-  """`lax.top_k(x, k)` of [B, N], exactly (ties to the lower index), through blocks of N.
-
-  Split each row into blocks of `block` values: the k best values lie in the k blocks with the
-  best maxima (a block holding one of them has a maximum at least as good), so a top-k over the
-  block maxima, then over the values of those k blocks in their original order, finds them.
-  XLA's CPU top-k sorts every value; over beam search's 4 * 8,000 candidates of 32 sentences
-  this takes 0.16 ms instead of 1.2 ms.
-  """
-  rows, n = x.shape
-  if n <= k * block:
-    return tuple(jax.lax.top_k(x, k))
-  if n % block:  # Padding at the end loses every tie, so it is never chosen over a real value.
-    x = jnp.pad(x, ((0, 0), (0, block - n % block)), constant_values=NEG_INF)
-  blocks = x.reshape(rows, -1, block)
-  _, best = jax.lax.top_k(jnp.max(blocks, axis=-1), k)
-  best = jnp.sort(best, axis=-1)  # In index order, so that ties still go to the lower index.
-  values = jnp.take_along_axis(blocks, best[:, :, None], axis=1, mode="promise_in_bounds")
-  top, position = jax.lax.top_k(values.reshape(rows, k * block), k)
-  return top, jnp.take_along_axis(best, position // block, axis=1) * block + position % block
 
 
 # Model glue: the Transformer as a tokens -> logits callable.
@@ -372,11 +322,9 @@ def cached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
 
 def grow_self_cache(cache: Cache, length: int) -> Cache:
   """`cached_decoder`'s cache padded to `length` output positions (`CacheGrowth.grow`)."""
-  def pad(x: Array) -> Array:
-    widths = [(0, 0)] * x.ndim
-    widths[SELF_CACHE_LENGTH_AXIS] = (0, length - x.shape[SELF_CACHE_LENGTH_AXIS])
-    return jnp.pad(x, widths)
-  return jax.tree.map(pad, cache)
+  axis = SELF_CACHE_LENGTH_AXIS
+  return jax.tree.map(lambda x: jnp.pad(x, [(0, length - x.shape[axis]) if d == axis else (0, 0)
+                                            for d in range(x.ndim)]), cache)
 
 
 def never_generated(logits: Array) -> Array:
@@ -412,11 +360,8 @@ def translate(model: Transformer, params: Any, src: Array, *, beam_size: int, al
     max_extra_len: how many tokens the output may exceed the source by; the paper uses 50.
     first_cache_len: the self-attention cache starts with this many positions and doubles when
       the output reaches them (`doubling_lengths`), up to S + max_extra_len. Default: 32 for beam
-      search, and for greedy search the whole length from the start. Each stage is compiled
-      apart, so growing pays where the cache's cost is large: a beam search reorders its cache at
-      every step (the quick start's test set, 1,582 verses with beam 4, decoded in 22% less time,
-      after 14 s more compilation), while greedy validation passes of 128 verses gained 0.1 s
-      each and took 11 s more to compile.
+      search, which reorders its cache at every step; greedy search keeps the whole length, as
+      each stage is compiled apart and its cache costs little (BENCHMARKS.md, "Decoding").
 
   Returns:
     [B, S + max_extra_len] int32 tokens of the best hypothesis, PAD_ID after EOS_ID.
