@@ -8,15 +8,16 @@ tokens and prints medians: step time, target tokens/s, model FLOPs utilisation (
 the paper's base schedule (100,000 steps of about 25,000 target tokens) would take at that rate.
 MFU counts the FLOPs of `flops.train_step_flops` (the pre-softmax projection included) against a
 peak: on a CPU the machine's float32 matmul peak, measured here as the best of `jnp.dot` and
-`torch.matmul` on large square matrices, before, between and after the timed rounds, the highest
+`torch.matmul` on large square matrices, before, between and after the timed rounds (PyTorch's after), the highest
 figure seen (so that noise can only lower the MFU); on a GPU or TPU the vendor figure for the dtype
 (`flops.PEAK_FLOPS`).
 
 On a CPU the step runs beside an equivalent PyTorch model (bench/torch_peer.py, our model rebuilt
 from `torch.nn.Transformer`: post-LN, shared scaled embeddings, sinusoidal positions, dropout 0.1
 where ours has it, label-smoothed (0.1) cross-entropy ignoring padding, Adam (0.9, 0.98, 1e-9) with
-the paper's schedule), the two alternating round by round so that machine noise hits both alike,
-and the script prints the ratio. The peer starts from our initial parameters; the script prints
+the paper's schedule), in a process of its own (bench/peer_process.py: in one process each library
+slowed the other), the two alternating round by round so that machine noise hits both alike, and
+the script prints the ratio. The peer starts from our initial parameters; the script prints
 the largest logit difference between the two models on the benchmark batch (float32 rounding) so
 that the comparison is known to be between equal models. `--torch_stock` keeps what stock
 `nn.Transformer` has and ours does not (attention and feed-forward dropout, final stack norms).
@@ -36,6 +37,7 @@ import numpy as np  # noqa: E402
 
 from bench.pipeline import CONFIGS  # noqa: E402
 from bench.machine import cpu_description  # noqa: E402
+from bench.peer_process import PeerProcess  # noqa: E402
 from transformer_jax.config import load_config_file  # noqa: E402
 from transformer_jax import cpu, steps  # noqa: E402
 from transformer_jax.config import TransformerConfig  # noqa: E402
@@ -47,25 +49,18 @@ CPU_BATCHES = {"small": (32, 128), "base": (8, 128), "big": (4, 128)}
 PAPER_STEPS, PAPER_TOKENS = 100_000, 25_000  # Section 5.1 and 5.3: the base model's schedule.
 
 
-def matmul_peak(use_torch: bool, sizes=(2048, 4096), repeats: int = 5) -> dict[str, float]:
-  """The best float32 FLOP/s of jnp.dot (and torch.matmul) on [n, n] x [n, n], over `sizes`."""
-  best = {"jnp.dot": 0.0}
+def matmul_peak(sizes=(2048, 4096), repeats: int = 5) -> float:
+  """The best float32 FLOP/s of jnp.dot on [n, n] x [n, n], over `sizes`."""
+  best = 0.0
   dot = jax.jit(jnp.dot)
   for n in sizes:
     rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n), np.float32) for _ in range(2))
-    ja, jb = jnp.asarray(a), jnp.asarray(b)
-    runs = {"jnp.dot": lambda: dot(ja, jb).block_until_ready()}
-    if use_torch:
-      import torch
-      ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-      runs["torch.matmul"] = lambda: torch.matmul(ta, tb)
-    for name, fn in runs.items():
-      fn()
-      for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best[name] = max(best.get(name, 0.0), 2 * n**3 / (time.perf_counter() - t0))
+    a, b = (jnp.asarray(rng.standard_normal((n, n), np.float32)) for _ in range(2))
+    dot(a, b).block_until_ready()
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      dot(a, b).block_until_ready()
+      best = max(best, 2 * n**3 / (time.perf_counter() - t0))
   return best
 
 
@@ -77,28 +72,19 @@ def time_ours(setup, state, batch, key, steps: int):
   return (time.perf_counter() - t0) / steps, state
 
 
-def time_theirs(step, src, tgt, steps: int) -> float:
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    step(src, tgt)
-  return (time.perf_counter() - t0) / steps
-
-
-def make_peer(cfg, config, setup, batch, src, tgt, args):
-  """The PyTorch peer from our initial parameters; returns (step, src, tgt, logit difference)."""
-  import torch
-  from bench.torch_peer import TorchTransformer, adam_trainer, load_flax_params, max_logit_difference
-  model = TorchTransformer.like(cfg, max(cfg.max_len, src.shape[1]), stock=args.torch_stock).train()
+def make_peer(cfg, config, setup, batch, src, tgt, args) -> PeerProcess:
+  """The PyTorch peer, in its own process, from our initial parameters."""
   init_params = setup.init_state(0).params
-  load_flax_params(model, jax.device_get(init_params))
   ours_logits = setup.model.apply({"params": init_params}, batch["src"], batch["tgt"])
-  difference = max_logit_difference(model, jax.device_get(ours_logits), src, tgt)
+  peer = PeerProcess(dict(
+      config=cfg, max_len=max(cfg.max_len, src.shape[1]), stock=args.torch_stock,
+      params=jax.device_get(init_params), src=src, tgt=tgt, ours_logits=jax.device_get(ours_logits),
+      warmup_steps=config.train.warmup_steps, threads=args.threads,
+      keep_heap=not args.default_memory))
   n_ours = sum(x.size for x in jax.tree.leaves(init_params))
-  n_torch = sum(p.numel() for p in model.parameters())
-  if n_torch != n_ours:
-    print(f"warning: the PyTorch peer has {n_torch:,} parameters, ours {n_ours:,}")
-  step = adam_trainer(model, config.train.warmup_steps)
-  return step, torch.from_numpy(src).long(), torch.from_numpy(tgt).long(), difference
+  if peer.num_params != n_ours:
+    print(f"warning: the PyTorch peer has {peer.num_params:,} parameters, ours {n_ours:,}")
+  return peer
 
 
 def bench_size(size: str, args) -> dict:
@@ -116,10 +102,7 @@ def bench_size(size: str, args) -> dict:
   _, state = time_ours(setup, state, batch, key, 1)
   compile_s = time.perf_counter() - t0
 
-  peer = None
-  if not args.no_torch:
-    peer = make_peer(cfg, config, setup, batch, src, tgt, args)
-    time_theirs(*peer[:3], 1)  # Allocator and thread-pool warm-up.
+  peer = None if args.no_torch else make_peer(cfg, config, setup, batch, src, tgt, args)
 
   num_steps = args.steps or (3 if size == "small" or jax.default_backend() != "cpu" else 1)
   ours, theirs, peaks = [], [], []
@@ -127,15 +110,19 @@ def bench_size(size: str, args) -> dict:
     t, state = time_ours(setup, state, batch, key, num_steps)
     ours.append(t)
     if peer:
-      theirs.append(time_theirs(*peer[:3], num_steps))
+      theirs.append(peer.step_seconds(num_steps))
     if jax.default_backend() == "cpu":  # The peak too: the clock moves with the machine's load.
-      peaks.append(matmul_peak(False, sizes=(4096,), repeats=2)["jnp.dot"])
+      peaks.append(matmul_peak(sizes=(4096,), repeats=2))
+  torch_peak = 0.0
+  if peer:
+    torch_peak = peer.matmul_peak()
+    peer.close()
   return {"size": size, "batch": f"{rows}x{length}",
           "params": sum(x.size for x in jax.tree.leaves(state.params)),
           "flops": train_step_flops(cfg, rows, length, length), "compile_s": compile_s,
           "tokens": rows * length, "ours": statistics.median(ours),
           "theirs": statistics.median(theirs) if peer else None,
-          "difference": peer[3] if peer else None, "peaks": peaks}
+          "difference": peer.difference if peer else None, "peaks": peaks, "torch_peak": torch_peak}
 
 
 def main():
@@ -159,19 +146,19 @@ def main():
     cpu.keep_cpu_step_memory()  # As train.py does; the PyTorch peer shares the process's heap.
   on_cpu = jax.default_backend() == "cpu"
   args.no_torch = args.no_torch or not on_cpu  # The peer is the CPU build of PyTorch.
-  if not args.no_torch:
-    import torch
-    torch.set_num_threads(args.threads)
 
   # The peak: on a CPU the best of both libraries, measured before and after the runs (the clock
   # moves with the load of the machine's other tenants); elsewhere the vendor's figure.
-  peaks = matmul_peak(not args.no_torch) if on_cpu else {}
+  peaks = {"jnp.dot": matmul_peak()} if on_cpu else {}
   results = [bench_size(size, args) for size in args.sizes.split(",")]
   if on_cpu:
-    peaks = {k: max(v, w) for (k, v), w in zip(peaks.items(), matmul_peak(not args.no_torch).values())}
+    peaks["jnp.dot"] = max(peaks["jnp.dot"], matmul_peak())
+    if not args.no_torch:
+      peaks["torch.matmul"] = max(r["torch_peak"] for r in results)
     during = [p for r in results for p in r["peaks"]]
     peak = max(*peaks.values(), *during)  # The highest seen: the MFU below is if anything low.
-    print("float32 matmul peak, n^3 for n = 2048 and 4096, best of 5 each, before and after the runs: " +
+    print("float32 matmul peak, n^3 for n = 2048 and 4096, best of 5 each: jnp.dot before and after "
+          "the runs, torch.matmul in the peer's process after its rounds: " +
           ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()) +
           f"; jnp.dot between rounds: {min(during) / 1e9:.0f} to {max(during) / 1e9:.0f} GFLOP/s"
           f"; peak (the highest) = {peak / 1e9:.0f} GFLOP/s")
@@ -182,7 +169,8 @@ def main():
 
   versions = f"jax {jax.__version__} ({jax.device_count()} {jax.devices()[0].device_kind})"
   if not args.no_torch:
-    versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    from importlib.metadata import version
+    versions += f", torch {version('torch')} ({args.threads} threads, its own process)"
   print(f"\nCPU: {cpu_description()}")
   print(f"{versions}, {args.dtype}, attention_impl={args.attention_impl}, "
         f"{'default allocator' if args.default_memory else 'keep_cpu_step_memory'}, "

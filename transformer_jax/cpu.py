@@ -40,6 +40,13 @@ def keep_cpu_step_memory() -> bool:
   jax.config.update("jax_cpu_enable_async_dispatch", False)
   if jax.default_backend() != "cpu":
     return False
+  return keep_heap()
+
+
+def keep_heap() -> bool:
+  """The glibc half of `keep_cpu_step_memory`: large blocks from the heap, which never shrinks.
+
+  Returns False where there is no glibc."""
   try:
     libc = ctypes.CDLL("libc.so.6")
   except OSError:

@@ -1,0 +1,158 @@
+"""Where a train step's time goes, op by op, on the machine at hand.
+
+  python bench/profile_step.py --size small          # 32 x 128, configs/small.py
+  python bench/profile_step.py --size base --steps 2  # 8 x 128
+
+Runs the train step of bench/train_step.py (same batch, same settings) a few times under
+`jax.profiler`, sums the time of each compiled op (XLA:CPU's thunks, named after the HLO
+instructions of the step's compiled program) over the traced steps, and sorts the ops into kinds by
+what the compiled HLO says they compute: matrix products (split into those with the vocabulary
+dimension, i.e. the pre-softmax projection and its gradients, attention's batched products of
+queries and keys and of weights and values, and the rest), dropout's random bits
+and masks, the Adam update, vocabulary-sized elementwise work (softmax, loss and their gradients),
+layer norms, layout copies and other elementwise work. Ops run on two threads and overlap, so the
+shares are of the summed op time, and the step's wall time is printed beside it. The largest ops
+are listed with their JAX source (`op_name`) so that a kind can be checked by eye.
+"""
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from transformer_jax import cpu, steps  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bench.machine import cpu_description  # noqa: E402
+from bench.pipeline import CONFIGS  # noqa: E402
+from bench.train_step import CPU_BATCHES  # noqa: E402
+from transformer_jax.config import load_config_file  # noqa: E402
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (\S+) (\w[\w-]*)\(")
+_CALLS = re.compile(r"calls=%?([\w.-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def hlo_instructions(hlo_text: str) -> tuple[dict, dict]:
+  """Parses compiled HLO text: {instruction: (shape, opcode, calls, op_name)} for every
+  instruction, and {computation: [its instructions' opcodes and shapes]}."""
+  instructions, computations, current = {}, collections.defaultdict(list), None
+  for line in hlo_text.splitlines():
+    if line and not line.startswith(" ") and "{" in line:
+      current = line.split()[1] if line.startswith("ENTRY") else line.split()[0]
+      current = current.lstrip("%")
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, shape, opcode = match.groups()
+    calls = _CALLS.search(line)
+    op_name = _OP_NAME.search(line)
+    instructions[name] = (shape, opcode, calls.group(1) if calls else None,
+                          op_name.group(1) if op_name else "")
+    if opcode == "dot" and "lhs_batch_dims" in line:
+      opcode = "batched-dot"  # Attention's scores and weighted values (batch and heads).
+    computations[current].append((opcode, shape, op_name.group(1) if op_name else ""))
+  return instructions, computations
+
+
+def kind_of(name: str, instructions: dict, computations: dict, vocab_size: int) -> str:
+  """The kind of work a compiled op does (see the module docstring)."""
+  shape, opcode, calls, op_name = instructions.get(name, ("", "?", None, ""))
+  inner = computations.get(calls, []) if calls else []
+  opcodes = {opcode, *(o for o, _, _ in inner)}
+  names = " ".join([op_name, *(n for _, _, n in inner)]).lower()
+  shapes = " ".join([shape, *(s for _, s, _ in inner)])
+  vocab = re.search(rf"[\[,]{vocab_size}[\],]", shapes) is not None
+  if "batched-dot" in opcodes:
+    return "matrix products, attention (scores, values)"
+  if opcodes & {"dot", "convolution"}:
+    return "matrix products, vocabulary (pre-softmax projection)" if vocab else "matrix products, other"
+  if "dropout" in names or "random_bits" in names or "threefry" in names:
+    return "dropout (random bits, masks)"
+  if any(k in names for k in ("adam", "optax", "apply_updates", "scale_by", "global_norm")):
+    return "Adam update"
+  if vocab:
+    return "vocabulary-sized elementwise (softmax, loss)"
+  if "layernorm" in names or "layer_norm" in names or "norm" in names.split("/")[-1]:
+    return "layer norms"
+  if opcodes <= {"copy", "transpose", "bitcast", "fusion", "parameter", "tuple",
+                 "get-tuple-element", "reshape", "broadcast", "slice", "concatenate",
+                 "dynamic-slice", "dynamic-update-slice"}:
+    return "layout copies, slices"
+  return "other elementwise"
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--size", default="small", choices=("small", "base", "big"))
+  parser.add_argument("--batch", default="", help="ROWSxLENGTH per side (default: bench/train_step.py's)")
+  parser.add_argument("--steps", type=int, default=3, help="traced steps (after 2 untraced)")
+  parser.add_argument("--top", type=int, default=15, help="largest ops to list")
+  args = parser.parse_args()
+  cpu.keep_cpu_step_memory()  # As train.py and bench/train_step.py do.
+
+  config = load_config_file(os.path.join(CONFIGS, f"{args.size}.py"))
+  rows, length = (tuple(map(int, args.batch.lower().split("x"))) if args.batch
+                  else CPU_BATCHES[args.size])
+  vocab_size = config.model.vocab_size
+  rng = np.random.default_rng(0)
+  src, tgt = (rng.integers(4, vocab_size, (rows, length)).astype(np.int32) for _ in range(2))
+  setup = steps.make_setup(config)
+  state, key = setup.init_state(0), jax.random.key(0)
+  batch = setup.put_batch({"src": src, "tgt": tgt})
+  with jax.set_mesh(setup.mesh):
+    import flax.linen as nn
+    with nn.logical_axis_rules(setup.rules):
+      hlo = setup.jit_train_step.lower(state, batch, key).compile().as_text()
+  instructions, computations = hlo_instructions(hlo)
+  for _ in range(2):
+    state, metrics = setup.train_step(state, batch, key)
+  jax.block_until_ready(state)
+
+  with tempfile.TemporaryDirectory() as trace_dir:
+    t0 = time.perf_counter()
+    with jax.profiler.trace(trace_dir):
+      for _ in range(args.steps):
+        state, metrics = setup.train_step(state, batch, key)
+      jax.block_until_ready(state)
+    wall = (time.perf_counter() - t0) / args.steps
+    (trace_file,) = glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz"))
+    events = json.load(gzip.open(trace_file))["traceEvents"]
+
+  per_op = collections.Counter()
+  for event in events:
+    op = event.get("args", {}).get("hlo_op")
+    if op and event.get("args", {}).get("hlo_module") == "jit_train_step" and "dur" in event:
+      per_op[op] += event["dur"] / 1e3 / args.steps  # ms per step
+  per_kind = collections.Counter()
+  for op, ms in per_op.items():
+    per_kind[kind_of(op, instructions, computations, vocab_size)] += ms
+  total = sum(per_op.values())
+
+  print(f"CPU: {cpu_description()}")
+  print(f"jax {jax.__version__}; {args.size} {rows}x{length}, float32; {args.steps} traced steps: "
+        f"{wall * 1e3:.0f} ms a step under the profiler, {total:.0f} ms of op time a step "
+        f"({len(per_op)} ops; two threads, so op time can exceed wall time)\n")
+  print(f"{'kind':<52}{'ms/step':>9}{'share':>8}")
+  for kind, ms in per_kind.most_common():
+    print(f"{kind:<52}{ms:>9.1f}{ms / total:>8.1%}")
+  print(f"\nlargest {args.top} ops:")
+  for op, ms in per_op.most_common(args.top):
+    shape, opcode, _, op_name = instructions.get(op, ("", "?", None, ""))
+    print(f"{ms:8.1f} ms  {op:<30} {kind_of(op, instructions, computations, vocab_size)[:28]:<29}"
+          f"{shape[:40]:<41}{op_name[-90:]}")
+
+
+if __name__ == "__main__":
+  main()
