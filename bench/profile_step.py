@@ -41,6 +41,7 @@ from transformer_jax.config import load_config_file  # noqa: E402
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (\S+) (\w[\w-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TOP_LEVEL = re.compile(r"^jit\([\w]+\)/[a-z_]+$")  # e.g. "jit(train_step)/mul": no model scope.
 
 
 def hlo_instructions(hlo_text: str) -> tuple[dict, dict]:
@@ -80,11 +81,11 @@ def kind_of(name: str, instructions: dict, computations: dict, vocab_size: int) 
     return "matrix products, vocabulary (pre-softmax projection)" if vocab else "matrix products, other"
   if "dropout" in names or "random_bits" in names or "threefry" in names:
     return "dropout (random bits, masks)"
-  if any(k in names for k in ("adam", "optax", "apply_updates", "scale_by", "global_norm")):
-    return "Adam update"
+  if _TOP_LEVEL.match(op_name):  # Outside the differentiated model: optax's update, grad norm.
+    return "Adam update (and gradient norm)"
   if vocab:
     return "vocabulary-sized elementwise (softmax, loss)"
-  if "layernorm" in names or "layer_norm" in names or "norm" in names.split("/")[-1]:
+  if "_norm/" in op_name.lower():  # The model's norm modules: self_attention_norm, ...
     return "layer norms"
   if opcodes <= {"copy", "transpose", "bitcast", "fusion", "parameter", "tuple",
                  "get-tuple-element", "reshape", "broadcast", "slice", "concatenate",

@@ -32,6 +32,28 @@ def test_train_step_benchmark_prints_step_time_and_mfu():
   assert "peak (the highest)" in out
 
 
+def test_train_step_benchmark_times_the_pytorch_peer_in_its_own_process():
+  pytest.importorskip("torch")
+  out = run_script("bench/train_step.py", "--sizes", "small", "--batch", "2x16", "--rounds", "2",
+                   "--steps", "1")
+  row = next(line for line in out.splitlines() if line.startswith("small"))
+  fields = row.split()
+  assert float(fields[7]) > 0 and fields[10].endswith("x"), row  # The peer's ms/step, the ratio.
+  difference = float(out.split("largest logit difference from the same parameters: small ")[1][:7])
+  assert difference < 1e-4, out  # The peer in its process computes our function.
+  assert "its own process" in out and "torch.matmul" in out
+
+
+def test_the_step_profile_sorts_every_op_into_a_kind():
+  out = run_script("bench/profile_step.py", "--size", "small", "--batch", "2x16", "--steps", "1",
+                   "--top", "3")
+  table = out.split("share\n")[1].split("\n\n")[0].splitlines()
+  kinds = {line[:52].strip(): float(line[52:61]) for line in table}
+  assert "matrix products, other" in kinds and "Adam update (and gradient norm)" in kinds, out
+  assert "matrix products, vocabulary (pre-softmax projection)" in kinds, out
+  assert len(out.split("largest 3 ops:")[1].strip().splitlines()) == 3
+
+
 @pytest.mark.slow  # About a minute: it compiles four train steps.
 def test_dropout_benchmark_times_the_four_variants():
   out = run_script("bench/dropout.py", "--size", "small", "--batch", "2x16", "--rounds", "1")
