@@ -27,7 +27,7 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from bench.machine import cpu_description  # noqa: E402
+from transformer_jax.cpu import cpu_description  # noqa: E402
 from transformer_jax.attention import MultiHeadAttention, segment_mask  # noqa: E402
 from transformer_jax.config import TransformerConfig  # noqa: E402
 

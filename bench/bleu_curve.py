@@ -6,7 +6,8 @@
 Reads each run's `metrics.jsonl` (every validation pass's greedy BLEU on the validation sample and
 the run's wall-clock minutes when it was logged), prints the minutes at which BLEU first reached
 10, 20 and 25 (as the run's test metrics do) and draws the curves on one plot with those
-thresholds; `test_metrics.json`, where present, adds the final test sacreBLEU (beam search).
+thresholds; `test_metrics.json`, where present, adds the final test sacreBLEU (beam search) and
+the machine the run was measured on.
 """
 
 import argparse
@@ -36,6 +37,8 @@ def describe(workdir: str, label: str) -> tuple[list[dict], str]:
     with open(test_path) as f:
       test = json.load(f)
     print(f"  test sacreBLEU {test['bleu']:.2f} (beam {test['beam_size']}, {test['test_params']})")
+    # The run's own machine (runs before 2026-12-02 did not record it): the minutes are its.
+    print(f"  machine: {test.get('machine', 'not recorded')}")
     name += f": test sacreBLEU {test['bleu']:.1f}"
   return passes, name
 

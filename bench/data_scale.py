@@ -152,7 +152,7 @@ def main() -> None:
   parser.add_argument("--vocab_size", type=int, default=37000)
   parser.add_argument("--keep", action="store_true", help="keep the generated corpora and runs")
   args = parser.parse_args()
-  from bench.machine import cpu_description
+  from transformer_jax.cpu import cpu_description
   print(f"CPU: {cpu_description()}; {os.cpu_count()} cores; tokenize_processes={args.processes or os.cpu_count()}")
   rows = []
   for n in map(int, args.sizes.split(",")):

@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.machine import cpu_description  # noqa: E402
+from transformer_jax.cpu import cpu_description  # noqa: E402
 from bench.uncached_decode import greedy_search_uncached, uncached_decoder  # noqa: E402
 from transformer_jax import decode, evaluate, steps  # noqa: E402
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID  # noqa: E402

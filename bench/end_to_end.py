@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.machine import cpu_description  # noqa: E402
+from transformer_jax.cpu import cpu_description  # noqa: E402
 from transformer_jax.config import load_config_file  # noqa: E402
 from transformer_jax import cpu, experiment, sharding, steps  # noqa: E402
 from transformer_jax.data import sources  # noqa: E402

@@ -20,7 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from ml_collections import config_flags  # noqa: E402,F401
 
-from bench.machine import cpu_description  # noqa: E402
+from transformer_jax.cpu import cpu_description  # noqa: E402
 from transformer_jax import experiment, sharding, steps  # noqa: E402
 from transformer_jax.config import load_config_file  # noqa: E402
 from transformer_jax.data import sources  # noqa: E402

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from bench.machine import cpu_description  # noqa: E402
+from transformer_jax.cpu import cpu_description  # noqa: E402
 from transformer_jax.data import pipeline, token_cache  # noqa: E402
 
 

@@ -33,7 +33,7 @@ from transformer_jax import cpu, steps  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.machine import cpu_description  # noqa: E402
+from transformer_jax.cpu import cpu_description  # noqa: E402
 from bench.pipeline import CONFIGS  # noqa: E402
 from bench.train_step import CPU_BATCHES  # noqa: E402
 from transformer_jax.config import load_config_file  # noqa: E402

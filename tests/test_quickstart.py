@@ -5,6 +5,7 @@ trains a tokenizer): run with `pytest -m slow`.
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -26,6 +27,7 @@ def test_train_py_trains_resumes_and_translates(tmp_path):
   assert "sacreBLEU" in result.stdout and "translation:" in result.stdout
   metrics = json.loads((tmp_path / "test_metrics.json").read_text())
   assert metrics["step"] == 4 and "tok:13a" in metrics["bleu_signature"]
+  assert f"{os.cpu_count()} cores" in metrics["machine"]  # The figures name their machine.
   assert len((tmp_path / "test_hypotheses.txt").read_text().splitlines()) == 8
   lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert {line["split"] for line in lines} == {"train", "validation"}

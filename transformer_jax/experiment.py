@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from transformer_jax import checkpoints, evaluate, hosts, marian, paths, sharding, trainer
+from transformer_jax import checkpoints, cpu, evaluate, hosts, marian, paths, sharding, trainer
 from transformer_jax.config import decode_tokens_per_batch, validate_run_config
 from transformer_jax.data import pipeline, sources, token_cache
 from transformer_jax.errors import ConfigError, DataError
@@ -157,8 +157,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     marian.check_architecture(config.init_from, model_config)
   workdir.mkdir(parents=True, exist_ok=True)
   setup = make_setup(config)
-  log.info("Mesh %s over %d devices (%d processes).", dict(setup.mesh.shape), jax.device_count(),
-               jax.process_count())
+  log.info("Mesh %s over %d devices (%d processes); machine: %s.", dict(setup.mesh.shape),
+           jax.device_count(), jax.process_count(), cpu.machine_description())
   train_raw = hosts.once("the train split's text", lambda: sources.load_split(config.data, "train"),
                          timeout_minutes=config.data.prepare_timeout_minutes)
   tokenizer = load_tokenizer(config, workdir, train_raw)
@@ -202,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   scores, hypotheses = translation_metrics(setup, params, config, test, tokenizer,
                                            tokenized_bleu=True)
   metrics.update(scores, decode_seconds=time.perf_counter() - start, step=step,
-                 beam_size=config.decode.beam_size, **chosen)
+                 beam_size=config.decode.beam_size, machine=cpu.machine_description(), **chosen)
   if jax.process_index() == 0:
     metrics["minutes_to_bleu"] = minutes_to_bleu(trainer.read_metrics(workdir, "validation"))
   if jax.process_index() == 0:
