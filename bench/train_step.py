@@ -8,16 +8,16 @@ tokens and prints medians: step time, target tokens/s, model FLOPs utilisation (
 the paper's base schedule (100,000 steps of about 25,000 target tokens) would take at that rate.
 MFU counts the FLOPs of `flops.train_step_flops` (the pre-softmax projection included) against a
 peak: on a CPU the machine's float32 matmul peak, measured here as the best of `jnp.dot` and
-`torch.matmul` on large square matrices, before, between and after the timed rounds (PyTorch's after), the highest
-figure seen (so that noise can only lower the MFU); on a GPU or TPU the vendor figure for the dtype
-(`flops.PEAK_FLOPS`).
+`torch.matmul` on large square matrices (ours before, between and after the timed rounds,
+PyTorch's after them), the highest figure seen (so that noise can only lower the MFU); on a GPU or
+TPU the vendor figure for the dtype (`flops.PEAK_FLOPS`).
 
 On a CPU the step runs beside an equivalent PyTorch model (bench/torch_peer.py, our model rebuilt
 from `torch.nn.Transformer`: post-LN, shared scaled embeddings, sinusoidal positions, dropout 0.1
 where ours has it, label-smoothed (0.1) cross-entropy ignoring padding, Adam (0.9, 0.98, 1e-9) with
-the paper's schedule), in a process of its own (bench/peer_process.py: in one process each library
-slowed the other), the two alternating round by round so that machine noise hits both alike, and
-the script prints the ratio. The peer starts from our initial parameters; the script prints
+the paper's schedule), in a process of its own (bench/peer_process.py: in one process the two
+shared a heap and thread pools, and our step measured slower), the two alternating round by round
+so that machine noise hits both alike, and the script prints the ratio. The peer starts from our initial parameters; the script prints
 the largest logit difference between the two models on the benchmark batch (float32 rounding) so
 that the comparison is known to be between equal models. `--torch_stock` keeps what stock
 `nn.Transformer` has and ours does not (attention and feed-forward dropout, final stack norms).
