@@ -15,7 +15,6 @@ does not, is only reachable on a GPU.
 """
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
