@@ -62,9 +62,9 @@ class PeerProcess:
   """
 
   def __init__(self, spec: dict):
-    self._conn, child = multiprocessing.get_context("spawn").Pipe()
-    self._process = multiprocessing.get_context("spawn").Process(
-        target=_serve, args=(child, spec), daemon=True)
+    spawn = multiprocessing.get_context("spawn")  # A fresh interpreter: no JAX threads or heap.
+    self._conn, child = spawn.Pipe()
+    self._process = spawn.Process(target=_serve, args=(child, spec), daemon=True)
     self._process.start()
     child.close()
     self.difference, self.num_params = self._conn.recv()

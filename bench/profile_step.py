@@ -28,15 +28,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from transformer_jax import cpu, steps  # noqa: E402
+from transformer_jax import cpu  # noqa: E402
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
+from bench.train_step import step_inputs  # noqa: E402
 from transformer_jax.cpu import cpu_description  # noqa: E402
-from bench.pipeline import CONFIGS  # noqa: E402
-from bench.train_step import CPU_BATCHES  # noqa: E402
-from transformer_jax.config import load_config_file  # noqa: E402
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (\S+) (\w[\w-]*)\(")
 _CALLS = re.compile(r"calls=%?([\w.-]+)")
@@ -103,29 +101,22 @@ def main():
   args = parser.parse_args()
   cpu.keep_cpu_step_memory()  # As train.py and bench/train_step.py do.
 
-  config = load_config_file(os.path.join(CONFIGS, f"{args.size}.py"))
-  rows, length = (tuple(map(int, args.batch.lower().split("x"))) if args.batch
-                  else CPU_BATCHES[args.size])
+  batch_shape = tuple(map(int, args.batch.lower().split("x"))) if args.batch else None
+  config, setup, state, key, src, _, batch = step_inputs(args.size, batch_shape)
+  rows, length = src.shape
   vocab_size = config.model.vocab_size
-  rng = np.random.default_rng(0)
-  src, tgt = (rng.integers(4, vocab_size, (rows, length)).astype(np.int32) for _ in range(2))
-  setup = steps.make_setup(config)
-  state, key = setup.init_state(0), jax.random.key(0)
-  batch = setup.put_batch({"src": src, "tgt": tgt})
-  with jax.set_mesh(setup.mesh):
-    import flax.linen as nn
-    with nn.logical_axis_rules(setup.rules):
-      hlo = setup.jit_train_step.lower(state, batch, key).compile().as_text()
-  instructions, computations = hlo_instructions(hlo)
+  with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+    train_step = setup.jit_train_step.lower(state, batch, key).compile()  # Runs, and names its ops.
+  instructions, computations = hlo_instructions(train_step.as_text())
   for _ in range(2):
-    state, metrics = setup.train_step(state, batch, key)
+    state, metrics = train_step(state, batch, key)
   jax.block_until_ready(state)
 
   with tempfile.TemporaryDirectory() as trace_dir:
     t0 = time.perf_counter()
     with jax.profiler.trace(trace_dir):
       for _ in range(args.steps):
-        state, metrics = setup.train_step(state, batch, key)
+        state, metrics = train_step(state, batch, key)
       jax.block_until_ready(state)
     wall = (time.perf_counter() - t0) / args.steps
     (trace_file,) = glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz"))

@@ -17,8 +17,8 @@ from `torch.nn.Transformer`: post-LN, shared scaled embeddings, sinusoidal posit
 where ours has it, label-smoothed (0.1) cross-entropy ignoring padding, Adam (0.9, 0.98, 1e-9) with
 the paper's schedule), in a process of its own (bench/peer_process.py: in one process the two
 shared a heap and thread pools, and our step measured slower), the two alternating round by round
-so that machine noise hits both alike, and the script prints the ratio. The peer starts from our initial parameters; the script prints
-the largest logit difference between the two models on the benchmark batch (float32 rounding) so
+so that machine noise hits both alike, and the script prints the ratio. The peer starts from our
+initial parameters; the script prints the largest logit difference between the two models on the benchmark batch (float32 rounding) so
 that the comparison is known to be between equal models. `--torch_stock` keeps what stock
 `nn.Transformer` has and ours does not (attention and feed-forward dropout, final stack norms).
 """
@@ -28,6 +28,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -87,17 +88,35 @@ def make_peer(cfg, config, setup, batch, src, tgt, args) -> PeerProcess:
   return peer
 
 
-def bench_size(size: str, args) -> dict:
-  config = load_config_file(os.path.join(CONFIGS, f"{size}.py"))
-  config.model.update(dict(attention_impl=args.attention_impl, dtype=args.dtype))
-  rows, length = args.batch or CPU_BATCHES[size]
-  cfg = TransformerConfig.from_config(config.model)
-  rng = np.random.default_rng(0)
-  src, tgt = (rng.integers(4, cfg.vocab_size, (rows, length)).astype(np.int32) for _ in range(2))
+class StepInputs(NamedTuple):
+  config: Any  # configs/<size>.py, with the overrides
+  setup: steps.Setup
+  state: steps.TrainState  # initial
+  key: jax.Array  # dropout
+  src: np.ndarray  # [rows, length] random tokens, no padding
+  tgt: np.ndarray
+  batch: dict  # src and tgt on the mesh
 
+
+def step_inputs(size: str, batch_shape=None, **model_overrides) -> StepInputs:
+  """What a benchmark of the train step times: the config's setup, its initial state and a random
+  batch of `batch_shape` (rows, length) per side (default: CPU_BATCHES[size])."""
+  config = load_config_file(os.path.join(CONFIGS, f"{size}.py"))
+  config.model.update(model_overrides)
+  rows, length = batch_shape or CPU_BATCHES[size]
+  rng = np.random.default_rng(0)
+  src, tgt = (rng.integers(4, config.model.vocab_size, (rows, length)).astype(np.int32)
+              for _ in range(2))
   setup = steps.make_setup(config)
-  state, key = setup.init_state(0), jax.random.key(0)
-  batch = setup.put_batch({"src": src, "tgt": tgt})
+  return StepInputs(config, setup, setup.init_state(0), jax.random.key(0), src, tgt,
+                    setup.put_batch({"src": src, "tgt": tgt}))
+
+
+def bench_size(size: str, args) -> dict:
+  config, setup, state, key, src, tgt, batch = step_inputs(
+      size, args.batch, attention_impl=args.attention_impl, dtype=args.dtype)
+  rows, length = src.shape
+  cfg = TransformerConfig.from_config(config.model)
   t0 = time.perf_counter()
   _, state = time_ours(setup, state, batch, key, 1)
   compile_s = time.perf_counter() - t0
@@ -143,7 +162,7 @@ def main():
   args = parser.parse_args()
   args.batch = tuple(map(int, args.batch.lower().split("x"))) if args.batch else None
   if not args.default_memory:
-    cpu.keep_cpu_step_memory()  # As train.py does; the PyTorch peer shares the process's heap.
+    cpu.keep_cpu_step_memory()  # As train.py does (the PyTorch peer's process gets keep_heap).
   on_cpu = jax.default_backend() == "cpu"
   args.no_torch = args.no_torch or not on_cpu  # The peer is the CPU build of PyTorch.
 
