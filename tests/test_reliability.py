@@ -48,6 +48,8 @@ def checkpoint_steps(workdir):
     ("model.vocab_size", 2, r"model.vocab_size=2 is too small"),
     ("train.adam_eps", 0.0, r"train.adam_eps=0.0 .* > 0.0"),
     ("train.label_smoothing", 1.0, r"train.label_smoothing=1.0 must be below 1"),
+    ("train.cooldown_fraction", 1.0, r"train.cooldown_fraction=1.0 must be below 1"),
+    ("train.cooldown_fraction", -0.2, r"train.cooldown_fraction=-0.2 .* >= 0.0"),
     ("train.schedule", "linear", r"train.schedule='linear' is not one of 'paper', 'cosine', 'constant'"),
     ("decode.beam_size", 0, r"decode.beam_size=0 .* >= 1"),
     ("data.tokens_per_batch", 64, r"data.tokens_per_batch=64 is smaller than data.max_len=256"),

@@ -94,6 +94,51 @@ def test_resumed_run_equals_straight_run_bit_for_bit(tmp_path):
     assert '"next_index": 8' in data_state
 
 
+def test_the_cooldown_takes_the_learning_rate_to_zero_and_resumes_bit_for_bit(tmp_path):
+  """cooldown_fraction 0.5 of 8 steps: the rate is multiplied by 1 up to step 4 (counted from 0),
+  then (8 - step) / 4. A run preempted in the cooldown ends where the straight run does; one
+  resumed from a checkpoint saved before the cooldown was switched on places it the same way."""
+  run_tiny(tmp_path / "straight", 8, "--cooldown", "0.5", "--dump", str(tmp_path / "straight.npz"))
+  result = run_tiny(tmp_path / "resumed", 8, "--cooldown", "0.5", "--sigterm_at", "6")
+  assert "finished at step 6" in result.stdout
+  run_tiny(tmp_path / "resumed", 8, "--cooldown", "0.5", "--dump", str(tmp_path / "resumed.npz"))
+  straight = load_dump(tmp_path / "straight.npz")
+  assert_bitwise_equal(straight, load_dump(tmp_path / "resumed.npz"))
+  assert np.array_equal(straight[-1], [4, 8])  # The plan is part of the state (its last leaf).
+  schedule = learning_rate_schedule(tiny_run.tiny_run_config(8).train, 32)
+  rates = {m["step"]: m["learning_rate"] for m in trainer.read_metrics(tmp_path / "straight", "train")}
+  # Each logged rate is that of the window's last step, `step - 1` counted from 0.
+  for step, factor in ((2, 1.0), (4, 1.0), (6, 0.75), (8, 0.25)):
+    np.testing.assert_allclose(rates[step], float(schedule(step - 1)) * factor, rtol=1e-6)
+  # Switched on at a resume: the same plan. (Not bit for bit: the first half ran the program
+  # without the cooldown's multiply, whose rounding Adam amplifies for the key biases, which
+  # get next to no gradient.)
+  run_tiny(tmp_path / "switched_on", 4)
+  run_tiny(tmp_path / "switched_on", 8, "--cooldown", "0.5", "--dump", str(tmp_path / "switched.npz"))
+  assert np.array_equal(load_dump(tmp_path / "switched.npz")[-1], [4, 8])
+  switched = {m["step"]: m["learning_rate"] for m in trainer.read_metrics(tmp_path / "switched_on", "train")}
+  np.testing.assert_allclose([switched[6], switched[8]], [rates[6], rates[8]], rtol=1e-6)
+
+
+def test_the_time_budgets_cooldown_ends_the_run_with_the_budget(tmp_path):
+  """With a time budget, the cooldown starts when its last fraction begins and is planned to end
+  with it, at the steps per second so far; the run stops where the rate reaches zero."""
+  config, setup = tiny_setup(steps=10**6, time_budget_minutes=0.2, cooldown_fraction=0.5,
+                             checkpoint_every=10**6, log_every=10)
+  state = trainer.train(config, tmp_path, setup, tiny_batches(config, setup))
+  first, end = (int(x) for x in jax.device_get(state.cooldown))
+  # The plan's end stopped the run, or the budget did a little earlier (a slower second half).
+  assert 0 < first < end and int(state.step) <= end, (first, end, state.step)
+  logged = trainer.read_metrics(tmp_path, "train")
+  # Training ended with the 12 s budget (the metrics' clock and the budget's start together),
+  # give or take a few steps.
+  assert abs(60 * logged[-1]["minutes"] - 12.0) < 2.0, logged[-1]
+  rates = [m["learning_rate"] for m in logged if m["step"] > first]
+  assert len(rates) > 3 and rates == sorted(rates, reverse=True), rates
+  restored, _ = checkpoints.restore(checkpoints.make_manager(tmp_path, config.train), setup)
+  assert [int(x) for x in jax.device_get(restored.cooldown)] == [first, end]
+
+
 def free_port():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -3,7 +3,7 @@
 
 python tests/tiny_run.py --workdir DIR --steps N [--devices D] [--fsdp F]
     [--process_id I --num_processes P --coordinator 127.0.0.1:PORT] [--dump FILE.npz]
-    [--translate FILE.json]
+    [--translate FILE.json] [--cooldown FRACTION] [--sigterm_at N]
 
 --translate, after training (or restoring a run already at N steps), translates 64 sources of the
 made-up corpus greedily and with beam 4 and writes the outputs (token ids) from process 0.
@@ -27,6 +27,9 @@ def parse():
   parser.add_argument("--step_sleep", type=float, default=0.0)
   parser.add_argument("--fsdp", type=int, default=1, help="mesh.fsdp (the rest is data)")
   parser.add_argument("--translate", default="")
+  parser.add_argument("--cooldown", type=float, default=0.0, help="train.cooldown_fraction")
+  parser.add_argument("--sigterm_at", type=int, default=0,
+                      help="send this process SIGTERM during step N (a preemption; N even)")
   parser.add_argument("--learn", action="store_true",
                       help="settings under which the tiny model learns quickly (its outputs vary)")
   return parser.parse_args()
@@ -94,6 +97,7 @@ def main():
 
   config = tiny_run_config(args.steps, args.checkpoint_every)
   config.mesh.fsdp = args.fsdp
+  config.train.cooldown_fraction = args.cooldown
   if args.learn:
     config.train.update(dict(label_smoothing=0.0, schedule="constant", learning_rate=2e-3,
                              warmup_steps=50))
@@ -108,6 +112,15 @@ def main():
       time.sleep(args.step_sleep)
       return step_fn(*a)
     setup.train_step = slow
+  if args.sigterm_at:  # Preempted during step N: the run saves and stops at step N.
+    import signal
+    step_fn, calls = setup.train_step, []
+    def preempted(*a):
+      calls.append(1)
+      if len(calls) == args.sigterm_at:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step_fn(*a)
+    setup.train_step = preempted
   state = trainer.train(config, args.workdir, setup, batches)
   if args.dump and jax.process_index() == 0:
     from jax.experimental import multihost_utils

@@ -112,7 +112,8 @@ def restore(manager: ocp.CheckpointManager, setup: Setup, step: int | None = Non
     raise CheckpointError(f"{where} is incomplete: its state or data position is missing")
   if not all_finite(restored.state):
     raise CheckpointError(f"{where} holds non-finite values (NaN or Inf); it cannot be used")
-  return restored.state, (restored.data if with_data else None)
+  # A checkpoint saved with or without a cooldown plan restores into a run with or without one.
+  return setup.fit_cooldown(restored.state), (restored.data if with_data else None)
 
 
 def restore_for_training(workdir: str, train: ml_collections.ConfigDict, setup: Setup

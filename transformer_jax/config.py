@@ -177,6 +177,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.weight_decay = 0.0  # > 0: AdamW.
   config.train.grad_accum_steps = 1  # Batches per update, to reach 25K-token batches on small hardware.
   config.train.time_budget_minutes = 0.0  # > 0: stop (and checkpoint) after this much training.
+  # > 0 (a departure): the learning rate falls linearly to 0 over this last fraction of the run,
+  # of the time budget when there is one, else of num_steps (optim.cooldown_factor).
+  config.train.cooldown_fraction = 0.0
   config.train.log_every = 50
   config.train.eval_every = 1000  # Validation loss and BLEU.
   config.train.eval_bleu_sentences = 256  # Validation sentences decoded (greedily) for BLEU.
@@ -269,6 +272,7 @@ _RUN_FIELDS = {
     "train.weight_decay": (_FLOAT, 0.0, False),
     "train.grad_accum_steps": (_INT, 1, False),
     "train.time_budget_minutes": (_FLOAT, 0.0, False),
+    "train.cooldown_fraction": (_FLOAT, 0.0, False),  # Also below 1 (below).
     "train.log_every": (_INT, 1, False),
     "train.eval_every": (_INT, 1, False),
     "train.eval_bleu_sentences": (_INT, 0, False),
@@ -315,7 +319,7 @@ def validate_run_config(config: ml_collections.ConfigDict) -> TransformerConfig:
     if not number or value < low or (open_low and value == low):
       accepted = f"> {low}" if open_low else f">= {low}"
       raise ConfigError(f"{field}={value!r} is not accepted; it must be a number {accepted}")
-  for name in ("adam_b1", "adam_b2", "label_smoothing"):  # In [0, 1).
+  for name in ("adam_b1", "adam_b2", "label_smoothing", "cooldown_fraction"):  # In [0, 1).
     if config.train[name] >= 1.0:
       raise ConfigError(f"train.{name}={config.train[name]!r} must be below 1")
   if not isinstance(config.init_from, str):

@@ -179,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.info("step %d validation: %s", step, _fmt(metrics))
     return metrics
 
-  stop = trainer.StopRequests(60.0 * config.train.time_budget_minutes)
+  stop = trainer.StopRequests.for_run(config.train)
   try:
     initial_params = (lambda: marian.load_params(config.init_from, model_config)) if config.init_from else None
     state = trainer.train(config, workdir, setup, batches, evaluate_validation, stop=stop,

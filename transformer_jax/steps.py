@@ -32,7 +32,8 @@ from transformer_jax.config import TransformerConfig
 from transformer_jax.errors import ConfigError
 from transformer_jax.losses import compute_metrics
 from transformer_jax.model import Transformer
-from transformer_jax.optim import learning_rate_schedule, make_optimizer
+from transformer_jax.optim import (NO_COOLDOWN, cooldown_factor, cooldown_fraction,
+                                   learning_rate_schedule, make_optimizer)
 
 Batch = dict[str, jax.Array]
 PACKING_KEYS = ("src_segments", "src_positions", "tgt_segments", "tgt_positions")
@@ -40,11 +41,17 @@ PACKING_KEYS = ("src_segments", "src_positions", "tgt_segments", "tgt_positions"
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a checkpoint needs to continue training, as one pytree."""
+  """Everything a checkpoint needs to continue training, as one pytree.
+
+  `cooldown` is the learning-rate cooldown's plan, int32 (first step, end step) (`optim.NO_COOLDOWN`
+  until the trainer places it), in runs with `train.cooldown_fraction` > 0; None (no leaf) in the
+  others, so their checkpoints keep the shape they always had.
+  """
 
   step: jax.Array
   params: Any
   opt_state: Any
+  cooldown: Any = None
 
 
 def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -76,6 +83,7 @@ class Setup:
   state_shardings: Any
   jit_train_step: Any
   jit_eval_step: Any
+  cools: bool = False  # Whether the state has a cooldown plan (train.cooldown_fraction > 0).
   _translate_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def train_step(self, state: TrainState, batch: Batch, dropout_key: jax.Array
@@ -120,22 +128,44 @@ class Setup:
     """
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       if params is None:
-        init = jax.jit(lambda key: nn.meta.unbox(_boxed_state(self.model, self.tx, key)),
+        init = jax.jit(lambda key: nn.meta.unbox(_boxed_state(self.model, self.tx, key, self.cools)),
                        out_shardings=self.state_shardings)
         return init(root_keys(seed)[0])
       expected = self.abstract_state().params
       _check_same_tree(params, expected)
       params = jax.tree.map(lambda x, s: np.asarray(x, s.dtype), params, expected)
       start = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                           opt_state=self.tx.init(p)),
+                                           opt_state=self.tx.init(p), cooldown=self._no_cooldown()),
                       out_shardings=self.state_shardings)
       return start(params)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto this mesh."""
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(_boxed_state(self.model, self.tx, jax.random.key(0))))
+    shapes = jax.eval_shape(
+        lambda: nn.meta.unbox(_boxed_state(self.model, self.tx, jax.random.key(0), self.cools)))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, self.state_shardings)
+
+  def _no_cooldown(self) -> jax.Array | None:
+    return jnp.array(NO_COOLDOWN, jnp.int32) if self.cools else None
+
+  def with_cooldown(self, state: TrainState, first: int, end: int) -> TrainState:
+    """`state` with the cooldown planned from step `first` to step `end`. Every process must pass
+    the same steps (the trainer agrees on them first)."""
+    if not self.cools:
+      raise ValueError("this run has no cooldown (train.cooldown_fraction is 0)")
+    plan = np.array([first, end], np.int32)
+    sharding_ = self.state_shardings.cooldown
+    return state.replace(cooldown=jax.make_array_from_callback(plan.shape, sharding_, lambda i: plan[i]))
+
+  def fit_cooldown(self, state: TrainState) -> TrainState:
+    """A restored state with the cooldown field this run expects: a checkpoint saved without a
+    cooldown gets an unplaced one, and a run without a cooldown drops the plan it finds."""
+    if not self.cools:
+      return state.replace(cooldown=None)
+    if state.cooldown is None:
+      return self.with_cooldown(state, *NO_COOLDOWN)
+    return state
 
   def put_batch(self, local: dict[str, np.ndarray]) -> Batch:
     """This process's rows of a batch -> global arrays sharded over the mesh."""
@@ -156,10 +186,12 @@ def _check_same_tree(params: Any, expected: Any) -> None:
                       + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 
-def _boxed_state(model: Transformer, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+def _boxed_state(model: Transformer, tx: optax.GradientTransformation, key: jax.Array,
+                 cools: bool) -> TrainState:
   tokens = jnp.ones((1, 8), jnp.int32)
   params = model.init(key, tokens, tokens)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    cooldown=jnp.array(NO_COOLDOWN, jnp.int32) if cools else None)
 
 
 def _model_inputs(batch: Batch) -> dict[str, jax.Array]:
@@ -184,7 +216,8 @@ def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -
                       f"this run's devices are {platform.upper()}s: use 'dot_product' (XLA's choice) "
                       "or 'einsum'")
   rules = sharding.axis_rules(config.mesh)
-  boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.key(0)))
+  cools = cooldown_fraction(config.train) > 0
+  boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.key(0), cools))
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
   label_smoothing = float(config.train.label_smoothing)
   accum = int(config.train.grad_accum_steps)
@@ -201,9 +234,13 @@ def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics["learning_rate"] = schedule(state.step // accum)
+    if state.cooldown is not None:  # Adam's update is proportional to the learning rate.
+      factor = cooldown_factor(state.step, state.cooldown)
+      updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
+      metrics["learning_rate"] *= factor
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
-    metrics["learning_rate"] = schedule(state.step // accum)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def eval_step(params: Any, batch: Batch) -> dict:
@@ -216,7 +253,7 @@ def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -
                       out_shardings=(state_shardings, replicated))
   jit_eval = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding),
                      out_shardings=replicated)
-  return Setup(model_config, model, tx, mesh, rules, state_shardings, jit_train, jit_eval)
+  return Setup(model_config, model, tx, mesh, rules, state_shardings, jit_train, jit_eval, cools)
 
 
 def evaluate_loss(setup: Setup, params: Any, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:

@@ -27,6 +27,7 @@ from transformer_jax import checkpoints, paths
 from transformer_jax.errors import NonFiniteError
 from transformer_jax.data import pipeline
 from transformer_jax.flops import peak_flops_per_device, train_step_flops
+from transformer_jax.optim import NO_COOLDOWN, cooldown_fraction
 from transformer_jax.steps import Setup, TrainState, root_keys
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,24 @@ log = logging.getLogger(__name__)
 class StopRequests:
   """SIGTERM (preemption) and the time budget, agreed on by every process at the same step.
 
-  `reason` is what stopped training ("sigterm" or "time"), once `check` has said so.
+  `reason` is what stopped training ("sigterm" or "time"), once `check` has said so;
+  `cooldown_due` says whether the last `cooldown_s` of the budget have begun.
   """
 
-  def __init__(self, time_budget_s: float):
+  def __init__(self, time_budget_s: float, cooldown_s: float = 0.0):
     self.deadline = time.monotonic() + time_budget_s if time_budget_s > 0 else math.inf
+    self.cooldown_from = self.deadline - cooldown_s if cooldown_s > 0 else math.inf
     self.sigterm = False
     self.reason: str | None = None
+    self.cooldown_due = False
     self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  @classmethod
+  def for_run(cls, train: ml_collections.ConfigDict) -> StopRequests:
+    """The time budget of `train.time_budget_minutes`, whose last `train.cooldown_fraction` is the
+    cooldown."""
+    budget_s = 60.0 * train.time_budget_minutes
+    return cls(budget_s, budget_s * cooldown_fraction(train))
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
@@ -51,10 +62,12 @@ class StopRequests:
 
   def check(self) -> str | None:
     """'sigterm', 'time' or None; every process gets the same answer (a collective)."""
-    local = np.array([self.sigterm, time.monotonic() >= self.deadline])
+    now = time.monotonic()
+    local = np.array([self.sigterm, now >= self.deadline, now >= self.cooldown_from])
     if jax.process_count() > 1:
-      local = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).any(axis=0)
+      local = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 3).any(axis=0)
     self.reason = "sigterm" if local[0] else "time" if local[1] else None
+    self.cooldown_due = bool(local[2])
     return self.reason
 
   def close(self):
@@ -171,12 +184,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
   dropout_key = root_keys(config.seed)[1]
   writer = MetricWriter(workdir)
   own_stop = stop is None
-  stop = StopRequests(60.0 * train_cfg.time_budget_minutes) if own_stop else stop
+  stop = StopRequests.for_run(train_cfg) if own_stop else stop
   peak = peak_flops_per_device(setup.model_config.dtype, config.train.peak_flops)
 
   step = int(jax.device_get(state.step))
   last_saved = manager.latest_step()
-  progress = _progress(train_cfg.num_steps, step)
+  state, plan = _place_cooldown(setup, state, train_cfg)
+  end_step = min(train_cfg.num_steps, plan[1])
+  progress = _progress(end_step, step)
+  rate_from = None  # (step, time) after this process's first step (its compilation excluded).
+  cooldown_timed = False
   pending: list[dict] = []  # Device-side metrics since the last log, fetched together.
   flops, window_start = 0.0, time.perf_counter()
   sync_every = min(10, train_cfg.log_every)
@@ -204,9 +221,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
       summary["mfu"] = flops / elapsed / (peak * jax.device_count())
     writer.write(step, "train", summary)
     # Time left: by steps at the current rate, or by the time budget, whichever ends first.
-    left = (train_cfg.num_steps - step) / summary["steps_per_s"]
+    left = (end_step - step) / summary["steps_per_s"]
     left = min(left, max(0.0, stop.deadline - time.monotonic()))
-    progress.total = min(train_cfg.num_steps, step + int(left * summary["steps_per_s"]))
+    progress.total = min(end_step, step + int(left * summary["steps_per_s"]))
     progress.set_postfix_str(
         f"loss {summary['loss']:.3f} lr {summary['learning_rate']:.2e} "
         f"{summary['target_tokens_per_s']:,.0f} tok/s" + (f" mfu {summary['mfu']:.1%}" if peak > 0 else "")
@@ -222,7 +239,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
       last_saved = step
 
   try:
-    while step < train_cfg.num_steps:
+    while step < end_step:
       local = next(iterator)
       n, src_len = local["src"].shape
       flops += train_step_flops(setup.model_config, n * jax.process_count(), src_len,
@@ -234,6 +251,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
         jax.block_until_ready(pending[-1])
       pending.append(metrics)
       step += 1
+      if rate_from is None:
+        rate_from = (step, time.perf_counter())
       progress.update(1)
       if step % train_cfg.log_every == 0:
         flush_metrics()
@@ -245,11 +264,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
         window_start = time.perf_counter()
       if step % sync_every == 0 and (reason := stop.check()):
         break
+      if stop.cooldown_due and not cooldown_timed and setup.cools:
+        cooldown_timed = True  # Once; unless the planned cooldown has begun already.
+        if plan[0] > step:
+          state, plan = _time_cooldown(setup, state, step, plan, rate_from, stop.deadline)
+          end_step = min(end_step, plan[1])
     save()
     if reason == "sigterm":
       log.warning("Stopped by SIGTERM at step %d; the checkpoint is saved.", step)
     elif reason == "time":
       log.info("Time budget of %.1f min reached at step %d.", train_cfg.time_budget_minutes, step)
+    elif step < train_cfg.num_steps:
+      log.info("The cooldown ended at step %d.", step)
     if evaluate is not None and step % train_cfg.eval_every != 0 and reason != "sigterm":
       writer.write(step, "validation", evaluate(state.params, step))
   finally:
@@ -260,3 +286,35 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
       stop.close()
     writer.close()
   return state
+
+
+def _place_cooldown(setup: Setup, state: TrainState, train_cfg: ml_collections.ConfigDict
+                    ) -> tuple[TrainState, tuple[int, int]]:
+  """The state with its cooldown placed by steps if it has none yet (the last `cooldown_fraction`
+  of `num_steps`; a time budget may bring it forward), and the plan on the host (`NO_COOLDOWN`
+  for a run without one)."""
+  if not setup.cools:
+    return state, NO_COOLDOWN
+  # The plan is replicated: any local copy will do.
+  plan = tuple(int(x) for x in np.asarray(state.cooldown.addressable_data(0)))
+  if plan == NO_COOLDOWN:
+    plan = (round((1.0 - cooldown_fraction(train_cfg)) * train_cfg.num_steps), train_cfg.num_steps)
+    state = setup.with_cooldown(state, *plan)
+  return state, plan
+
+
+def _time_cooldown(setup: Setup, state: TrainState, step: int, plan: tuple[int, int],
+                   rate_from: tuple[int, float], deadline: float) -> tuple[TrainState, tuple[int, int]]:
+  """The cooldown from now on if the time budget ends the run before the planned one would: at
+  this process's steps per second so far (validation and checkpoints included), it ends when the
+  budget does. Process 0's estimate is every process's."""
+  now = time.perf_counter()
+  rate = (step - rate_from[0]) / max(now - rate_from[1], 1e-9)
+  end = step + max(1, int(rate * max(0.0, deadline - time.monotonic())))
+  if jax.process_count() > 1:
+    end = int(multihost_utils.broadcast_one_to_all(np.int32(end)))
+  if end >= plan[1]:
+    return state, plan
+  log.info("Cooldown: the learning rate falls linearly to 0 from step %d to step %d, where the time "
+           "budget ends at %.2f steps/s.", step, end, rate)
+  return setup.with_cooldown(state, step, end), (step, end)
