@@ -25,6 +25,10 @@ def get_config():
   # 1,000 (the same learning rate from step 1,000 on) gave validation loss 2.53 against 2.80 at
   # step 1,000 (greedy BLEU 15.5 against 14.1); doubling the learning rate instead gave 2.82.
   config.train.warmup_steps = 400
+  # A departure: the learning rate falls linearly to 0 over the budget's last 20% (6 minutes),
+  # as Hägele et al. 2024 found matches a cosine schedule of known length; the paper's schedule
+  # ends a 30-minute run at a rate still near its peak (1.5e-3 against 3.1e-3).
+  config.train.cooldown_fraction = 0.2
   config.train.log_every = 20
   config.train.eval_every = 250  # Time to quality is read off the validation passes.
   # Section 6.1 averages the last 5 checkpoints, written 10 minutes apart in 12 hours; here they are
