@@ -4,7 +4,6 @@ largest batch that fits."""
 
 import importlib.util
 import io
-import os
 import pathlib
 import subprocess
 import sys

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from transformer_jax import BOS_ID, EOS_ID, PAD_ID, Transformer, decode, marian
+from transformer_jax import PAD_ID, Transformer, decode, marian
 from transformer_jax.config import TransformerConfig
 from transformer_jax.errors import ConfigError, MissingFileError
 from transformer_jax.tokenizer import MarianVocabTokenizer

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tiny_run
 from tiny_run import tiny_batches, tiny_setup
 from transformer_jax import checkpoints, errors, evaluate, trainer
 from transformer_jax.config import base_config, validate_run_config

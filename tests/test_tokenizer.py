@@ -6,7 +6,7 @@ import pytest
 
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from transformer_jax.errors import ConfigError
-from transformer_jax.tokenizer import Tokenizer, load_or_train_tokenizer, train_tokenizer
+from transformer_jax.tokenizer import load_or_train_tokenizer, train_tokenizer
 
 SENTENCES = [
     "In the beginning God created the heavens and the earth.",

@@ -3,7 +3,7 @@
 
 python tests/tiny_run.py --workdir DIR --steps N [--devices D] [--fsdp F]
     [--process_id I --num_processes P --coordinator 127.0.0.1:PORT] [--dump FILE.npz]
-    [--translate FILE.json] [--cooldown FRACTION] [--sigterm_at N]
+    [--translate FILE.json] [--cooldown FRACTION] [--budget_minutes M] [--sigterm_at N]
 
 --translate, after training (or restoring a run already at N steps), translates 64 sources of the
 made-up corpus greedily and with beam 4 and writes the outputs (token ids) from process 0.
@@ -28,6 +28,7 @@ def parse():
   parser.add_argument("--fsdp", type=int, default=1, help="mesh.fsdp (the rest is data)")
   parser.add_argument("--translate", default="")
   parser.add_argument("--cooldown", type=float, default=0.0, help="train.cooldown_fraction")
+  parser.add_argument("--budget_minutes", type=float, default=0.0, help="train.time_budget_minutes")
   parser.add_argument("--sigterm_at", type=int, default=0,
                       help="send this process SIGTERM during step N (a preemption; N even)")
   parser.add_argument("--learn", action="store_true",
@@ -98,6 +99,7 @@ def main():
   config = tiny_run_config(args.steps, args.checkpoint_every)
   config.mesh.fsdp = args.fsdp
   config.train.cooldown_fraction = args.cooldown
+  config.train.time_budget_minutes = args.budget_minutes
   if args.learn:
     config.train.update(dict(label_smoothing=0.0, schedule="constant", learning_rate=2e-3,
                              warmup_steps=50))
@@ -132,7 +134,8 @@ def main():
     multihost_utils.process_allgather(state, tiled=True)
   if args.translate:
     translate(args.translate, setup, state.params)
-  print("finished at step", int(jax.device_get(state.step)), flush=True)
+  plan = "" if state.cooldown is None else f" cooldown {np.asarray(state.cooldown.addressable_data(0))}"
+  print("finished at step", int(jax.device_get(state.step)), plan, flush=True)
 
 
 def translate(path: str, setup, params) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import sacrebleu
 from jax.experimental import multihost_utils
 
-from transformer_jax import checkpoints, decode, paths, sharding
+from transformer_jax import checkpoints, paths, sharding
 from transformer_jax.config import decode_tokens_per_batch
 from transformer_jax.data import pipeline, token_cache
 from transformer_jax.errors import CheckpointError, DataError, MissingFileError, UserError, run_command

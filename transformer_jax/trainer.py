@@ -9,6 +9,7 @@ SIGTERM, agreed on by every process at the same step. Dropout keys are
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -192,8 +193,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
   state, plan = _place_cooldown(setup, state, train_cfg)
   end_step = min(train_cfg.num_steps, plan[1])
   progress = _progress(end_step, step)
-  rate_from = None  # (step, time) after this process's first step (its compilation excluded).
-  cooldown_timed = False
+  marks = collections.deque(maxlen=30)  # (step, time) at the last sync points: the recent pace.
+  aimed = False  # Whether the time budget placed the cooldown (it is then re-aimed as it goes).
   pending: list[dict] = []  # Device-side metrics since the last log, fetched together.
   flops, window_start = 0.0, time.perf_counter()
   sync_every = min(10, train_cfg.log_every)
@@ -251,8 +252,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
         jax.block_until_ready(pending[-1])
       pending.append(metrics)
       step += 1
-      if rate_from is None:
-        rate_from = (step, time.perf_counter())
       progress.update(1)
       if step % train_cfg.log_every == 0:
         flush_metrics()
@@ -262,13 +261,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
         flush_metrics()
         writer.write(step, "validation", evaluate(state.params, step))
         window_start = time.perf_counter()
-      if step % sync_every == 0 and (reason := stop.check()):
-        break
-      if stop.cooldown_due and not cooldown_timed and setup.cools:
-        cooldown_timed = True  # Once; unless the planned cooldown has begun already.
-        if plan[0] > step:
-          state, plan = _time_cooldown(setup, state, step, plan, rate_from, stop.deadline)
-          end_step = min(end_step, plan[1])
+      if step % sync_every == 0:
+        marks.append((step, time.perf_counter()))
+        if reason := stop.check():
+          break
+        if stop.cooldown_due and setup.cools and (aimed or plan[0] > step):
+          state, plan, aimed = _aim_cooldown(setup, state, step, plan, aimed, marks, stop.deadline,
+                                             train_cfg.num_steps)
+          end_step = plan[1]
     save()
     if reason == "sigterm":
       log.warning("Stopped by SIGTERM at step %d; the checkpoint is saved.", step)
@@ -303,18 +303,33 @@ def _place_cooldown(setup: Setup, state: TrainState, train_cfg: ml_collections.C
   return state, plan
 
 
-def _time_cooldown(setup: Setup, state: TrainState, step: int, plan: tuple[int, int],
-                   rate_from: tuple[int, float], deadline: float) -> tuple[TrainState, tuple[int, int]]:
-  """The cooldown from now on if the time budget ends the run before the planned one would: at
-  this process's steps per second so far (validation and checkpoints included), it ends when the
-  budget does. Process 0's estimate is every process's."""
-  now = time.perf_counter()
-  rate = (step - rate_from[0]) / max(now - rate_from[1], 1e-9)
-  end = step + max(1, int(rate * max(0.0, deadline - time.monotonic())))
+def _aim_cooldown(setup: Setup, state: TrainState, step: int, plan: tuple[int, int], aimed: bool,
+                  marks: collections.deque, deadline: float, num_steps: int
+                  ) -> tuple[TrainState, tuple[int, int], bool]:
+  """Aims the cooldown's end at the end of the time budget, at the pace of the last few hundred
+  steps (validation and checkpoints included): the cooldown starts now unless the one planned by
+  steps ends the run first. Once started it is re-aimed at every sync point, so that a machine
+  that slows down or speeds up still reaches rate 0 with the budget: the rate falls from where it
+  is at another slope. Process 0's estimate is every process's.
+
+  Returns the state, the plan on the host and whether the time budget has placed it.
+  """
+  (s0, t0), (s1, t1) = marks[0], marks[-1]
+  if s1 <= s0:
+    return state, plan, aimed
+  left = max(0.0, deadline - time.monotonic())
+  end = min(num_steps, step + max(1, round((s1 - s0) / (t1 - t0) * left)))
   if jax.process_count() > 1:
     end = int(multihost_utils.broadcast_one_to_all(np.int32(end)))
-  if end >= plan[1]:
-    return state, plan
-  log.info("Cooldown: the learning rate falls linearly to 0 from step %d to step %d, where the time "
-           "budget ends at %.2f steps/s.", step, end, rate)
-  return setup.with_cooldown(state, step, end), (step, end)
+  if not aimed and end >= plan[1]:  # The cooldown by steps ends the run first.
+    return state, plan, False
+  if not aimed:
+    log.info("Cooldown: the learning rate falls linearly to 0 from step %d to about step %d, where "
+             "the time budget ends at %.2f steps/s.", step, end, (s1 - s0) / (t1 - t0))
+    first = step
+  elif end == plan[1]:
+    return state, plan, True
+  else:  # A new slope from the rate reached so far: the rate never jumps, up or down.
+    reached = (plan[1] - step) / (plan[1] - plan[0])
+    first = end - round((end - step) / max(reached, 1e-6))
+  return setup.with_cooldown(state, first, end), (first, end), True
