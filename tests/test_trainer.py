@@ -103,7 +103,7 @@ def test_the_cooldown_takes_the_learning_rate_to_zero_and_resumes_bit_for_bit(tm
   run_tiny(tmp_path / "resumed", 8, "--cooldown", "0.5", "--dump", str(tmp_path / "resumed.npz"))
   straight = load_dump(tmp_path / "straight.npz")
   assert_bitwise_equal(straight, load_dump(tmp_path / "resumed.npz"))
-  assert np.array_equal(straight[-1], [4, 8])  # The plan is part of the state (its last leaf).
+  assert np.array_equal(straight[-1], [4, 8, 0])  # The plan is part of the state (its last leaf).
   schedule = learning_rate_schedule(tiny_run.tiny_run_config(8).train, 32)
   rates = {m["step"]: m["learning_rate"] for m in trainer.read_metrics(tmp_path / "straight", "train")}
   # Each logged rate is that of the window's last step, `step - 1` counted from 0.
@@ -114,7 +114,7 @@ def test_the_cooldown_takes_the_learning_rate_to_zero_and_resumes_bit_for_bit(tm
   # get next to no gradient.)
   run_tiny(tmp_path / "switched_on", 4)
   run_tiny(tmp_path / "switched_on", 8, "--cooldown", "0.5", "--dump", str(tmp_path / "switched.npz"))
-  assert np.array_equal(load_dump(tmp_path / "switched.npz")[-1], [4, 8])
+  assert np.array_equal(load_dump(tmp_path / "switched.npz")[-1], [4, 8, 0])
   switched = {m["step"]: m["learning_rate"] for m in trainer.read_metrics(tmp_path / "switched_on", "train")}
   np.testing.assert_allclose([switched[6], switched[8]], [rates[6], rates[8]], rtol=1e-6)
 
@@ -125,9 +125,9 @@ def test_the_time_budgets_cooldown_ends_the_run_with_the_budget(tmp_path):
   config, setup = tiny_setup(steps=10**6, time_budget_minutes=0.2, cooldown_fraction=0.5,
                              checkpoint_every=10**6, log_every=10)
   state = trainer.train(config, tmp_path, setup, tiny_batches(config, setup))
-  first, end = (int(x) for x in jax.device_get(state.cooldown))
+  first, end, by_time = (int(x) for x in jax.device_get(state.cooldown))
   # The plan's end stopped the run, or the budget did a little earlier (a slower last stretch).
-  assert first < end and int(state.step) <= end, (first, end, state.step)
+  assert by_time == 1 and first < end and int(state.step) <= end, (first, end, state.step)
   logged = trainer.read_metrics(tmp_path, "train")
   # Training ended with the 12 s budget (the metrics' clock and the budget's start together),
   # give or take a few steps.
@@ -139,7 +139,10 @@ def test_the_time_budgets_cooldown_ends_the_run_with_the_budget(tmp_path):
   assert abs(factors[0] - 1.0) < 1e-5 and factors[-1] < 0.2, factors
   assert all(b <= a * 1.01 for a, b in zip(factors, factors[1:])), factors
   restored, _ = checkpoints.restore(checkpoints.make_manager(tmp_path, config.train), setup)
-  assert [int(x) for x in jax.device_get(restored.cooldown)] == [first, end]
+  assert [int(x) for x in jax.device_get(restored.cooldown)] == [first, end, 1]
+  if int(state.step) == end:  # Run again, the finished run has nothing left to train.
+    again = trainer.train(config, tmp_path, setup, tiny_batches(config, setup))
+    assert int(again.step) == end
 
 
 def free_port():
@@ -148,19 +151,24 @@ def free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process_bit_for_bit(tmp_path):
+def run_two_processes(workdir, steps, *extra):
+  """tests/tiny_run.py as two processes of 2 devices each under jax.distributed; their outputs."""
   port = free_port()
   procs = [subprocess.Popen(
-      [sys.executable, TINY_RUN, "--workdir", str(tmp_path / "multi"), "--steps", "6", "--devices", "2",
-       "--num_processes", "2", "--process_id", str(i), "--coordinator", f"127.0.0.1:{port}",
-       "--dump", str(tmp_path / "multi.npz")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
+      [sys.executable, TINY_RUN, "--workdir", str(workdir), "--steps", str(steps), "--devices", "2",
+       "--num_processes", "2", "--process_id", str(i), "--coordinator", f"127.0.0.1:{port}", *extra],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   try:
     outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
   finally:
     for p in procs:
       p.kill()
   assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+  return outputs
+
+
+def test_two_processes_equal_one_process_bit_for_bit(tmp_path):
+  run_two_processes(tmp_path / "multi", 6, "--dump", str(tmp_path / "multi.npz"))
   # The single process also runs under jax.distributed, so that both runs reduce gradients with
   # the same collective implementation (gloo): in-process all-reduce sums in another order, which
   # Adam amplifies from rounding differences into visible ones within a few steps.
@@ -172,23 +180,12 @@ def test_two_processes_equal_one_process_bit_for_bit(tmp_path):
 def test_two_processes_agree_on_the_time_budgets_cooldown(tmp_path):
   """Each process measures its own steps per second; the cooldown's end is process 0's estimate,
   so both place the same plan at the same step and stop together."""
-  port = free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, TINY_RUN, "--workdir", str(tmp_path / "multi"), "--steps", "1000000",
-       "--devices", "2", "--num_processes", "2", "--process_id", str(i), "--coordinator",
-       f"127.0.0.1:{port}", "--checkpoint_every", "1000000", "--budget_minutes", "0.5",
-       "--cooldown", "0.5"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  try:
-    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+  outputs = run_two_processes(tmp_path / "multi", 10**6, "--checkpoint_every", str(10**6),
+                              "--budget_minutes", "0.5", "--cooldown", "0.5")
   finished = [next(line for line in o.splitlines() if line.startswith("finished")) for o in outputs]
   assert finished[0] == finished[1] and "cooldown [" in finished[0], finished
-  first, end = map(int, finished[0].split("[")[1].rstrip("]").split())
-  assert first < end < 10**6, finished  # Placed by the budget (by steps it ends at 10**6).
+  first, end, by_time = map(int, finished[0].split("[")[1].rstrip("]").split())
+  assert by_time == 1 and first < end < 10**6, finished
 
 
 def test_kill_during_save_then_restart_resumes_from_a_complete_checkpoint(tmp_path):

@@ -16,8 +16,9 @@ import numpy as np
 import optax
 
 SCHEDULES = ("paper", "cosine", "constant")
-# A cooldown plan is (first step, last step) as int32[2]; this one places it beyond any run.
-NO_COOLDOWN = (np.iinfo(np.int32).max, np.iinfo(np.int32).max)
+# A cooldown plan is int32 (first step, end step, 1 if aimed at a time budget else 0); this one
+# places it beyond any run.
+NO_COOLDOWN = (np.iinfo(np.int32).max, np.iinfo(np.int32).max, 0)
 
 
 def paper_schedule(d_model: int, warmup_steps: int, scale: float = 1.0) -> optax.Schedule:
@@ -52,7 +53,7 @@ def cooldown_fraction(train: ml_collections.ConfigDict) -> float:
 
 
 def cooldown_factor(step: jax.Array, plan: jax.Array) -> jax.Array:
-  """What the learning rate is multiplied by at `step` (counted from 0) under `plan` = (first, end):
+  """What the learning rate is multiplied by at `step` (counted from 0) under `plan` = (first, end, _):
   1 up to `first`, then falling linearly to 0 at `end` ((end - step) / (end - first)).
 
   Linear decay to zero over the last 20% of a run matched or beat a cosine schedule of the same

@@ -43,9 +43,10 @@ PACKING_KEYS = ("src_segments", "src_positions", "tgt_segments", "tgt_positions"
 class TrainState:
   """Everything a checkpoint needs to continue training, as one pytree.
 
-  `cooldown` is the learning-rate cooldown's plan, int32 (first step, end step) (`optim.NO_COOLDOWN`
-  until the trainer places it), in runs with `train.cooldown_fraction` > 0; None (no leaf) in the
-  others, so their checkpoints keep the shape they always had.
+  `cooldown` is the learning-rate cooldown's plan, int32 (first step, end step, aimed at a time
+  budget) (`optim.NO_COOLDOWN` until the trainer places it), in runs with
+  `train.cooldown_fraction` > 0; None (no leaf) in the others, so their checkpoints keep the shape
+  they always had.
   """
 
   step: jax.Array
@@ -135,7 +136,7 @@ class Setup:
       _check_same_tree(params, expected)
       params = jax.tree.map(lambda x, s: np.asarray(x, s.dtype), params, expected)
       start = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                           opt_state=self.tx.init(p), cooldown=self._no_cooldown()),
+                                           opt_state=self.tx.init(p), cooldown=_unplaced(self.cools)),
                       out_shardings=self.state_shardings)
       return start(params)
 
@@ -146,15 +147,12 @@ class Setup:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, self.state_shardings)
 
-  def _no_cooldown(self) -> jax.Array | None:
-    return jnp.array(NO_COOLDOWN, jnp.int32) if self.cools else None
-
-  def with_cooldown(self, state: TrainState, first: int, end: int) -> TrainState:
-    """`state` with the cooldown planned from step `first` to step `end`. Every process must pass
-    the same steps (the trainer agrees on them first)."""
+  def with_cooldown(self, state: TrainState, first: int, end: int, by_time: bool) -> TrainState:
+    """`state` with the cooldown planned from step `first` to step `end`, aimed at the end of a
+    time budget or not. Every process must pass the same plan (the trainer agrees on it first)."""
     if not self.cools:
       raise ValueError("this run has no cooldown (train.cooldown_fraction is 0)")
-    plan = np.array([first, end], np.int32)
+    plan = np.array([first, end, int(by_time)], np.int32)
     sharding_ = self.state_shardings.cooldown
     return state.replace(cooldown=jax.make_array_from_callback(plan.shape, sharding_, lambda i: plan[i]))
 
@@ -191,7 +189,12 @@ def _boxed_state(model: Transformer, tx: optax.GradientTransformation, key: jax.
   tokens = jnp.ones((1, 8), jnp.int32)
   params = model.init(key, tokens, tokens)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    cooldown=jnp.array(NO_COOLDOWN, jnp.int32) if cools else None)
+                    cooldown=_unplaced(cools))
+
+
+def _unplaced(cools: bool) -> jax.Array | None:
+  """A new state's cooldown field: a plan the trainer has yet to place, or none."""
+  return jnp.array(NO_COOLDOWN, jnp.int32) if cools else None
 
 
 def _model_inputs(batch: Batch) -> dict[str, jax.Array]:

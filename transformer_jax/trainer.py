@@ -5,6 +5,8 @@ it in Python: it restores the latest checkpoint (state and data position) or ini
 metrics, saves checkpoints, runs validation, and stops on the step count, the time budget or
 SIGTERM, agreed on by every process at the same step. Dropout keys are
 `fold_in(dropout_key, step)`, so a resumed run draws the keys a straight run would have drawn.
+With `train.cooldown_fraction` it also places the learning-rate cooldown, by steps or aimed at the
+end of the time budget, in the train state (so a resumed run follows the plan it saved).
 """
 
 from __future__ import annotations
@@ -289,23 +291,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
 
 
 def _place_cooldown(setup: Setup, state: TrainState, train_cfg: ml_collections.ConfigDict
-                    ) -> tuple[TrainState, tuple[int, int]]:
-  """The state with its cooldown placed by steps if it has none yet (the last `cooldown_fraction`
-  of `num_steps`; a time budget may bring it forward), and the plan on the host (`NO_COOLDOWN`
-  for a run without one)."""
+                    ) -> tuple[TrainState, tuple[int, int, int]]:
+  """The state with its cooldown placed, and the plan on the host (`NO_COOLDOWN` for a run
+  without one). A cooldown aimed at a time budget that has begun is kept as saved (a resumed run
+  finishes it bit for bit); otherwise it covers the last `cooldown_fraction` of `num_steps` as
+  configured now (a time budget may bring it forward later)."""
   if not setup.cools:
     return state, NO_COOLDOWN
+  step = int(jax.device_get(state.step))
   # The plan is replicated: any local copy will do.
-  plan = tuple(int(x) for x in np.asarray(state.cooldown.addressable_data(0)))
-  if plan == NO_COOLDOWN:
-    plan = (round((1.0 - cooldown_fraction(train_cfg)) * train_cfg.num_steps), train_cfg.num_steps)
-    state = setup.with_cooldown(state, *plan)
-  return state, plan
+  saved = tuple(int(x) for x in np.asarray(state.cooldown.addressable_data(0)))
+  if saved[2] and saved[0] <= step:
+    if step >= saved[1]:
+      log.info("This run's cooldown ended at step %d with its time budget; there is nothing left "
+               "to train (to train on from here, set train.cooldown_fraction=0).", saved[1])
+    return state, saved
+  plan = (round((1.0 - cooldown_fraction(train_cfg)) * train_cfg.num_steps), train_cfg.num_steps, 0)
+  return (state if plan == saved else setup.with_cooldown(state, *plan)), plan
 
 
-def _aim_cooldown(setup: Setup, state: TrainState, step: int, plan: tuple[int, int], aimed: bool,
-                  marks: collections.deque, deadline: float, num_steps: int
-                  ) -> tuple[TrainState, tuple[int, int], bool]:
+def _aim_cooldown(setup: Setup, state: TrainState, step: int, plan: tuple[int, int, int],
+                  aimed: bool, marks: collections.deque, deadline: float, num_steps: int
+                  ) -> tuple[TrainState, tuple[int, int, int], bool]:
   """Aims the cooldown's end at the end of the time budget, at the pace of the last few hundred
   steps (validation and checkpoints included): the cooldown starts now unless the one planned by
   steps ends the run first. Once started it is re-aimed at every sync point, so that a machine
@@ -332,4 +339,4 @@ def _aim_cooldown(setup: Setup, state: TrainState, step: int, plan: tuple[int, i
   else:  # A new slope from the rate reached so far: the rate never jumps, up or down.
     reached = (plan[1] - step) / (plan[1] - plan[0])
     first = end - round((end - step) / max(reached, 1e-6))
-  return setup.with_cooldown(state, first, end), (first, end), True
+  return setup.with_cooldown(state, first, end, True), (first, end, 1), True
