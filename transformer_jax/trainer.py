@@ -192,11 +192,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
 
   step = int(jax.device_get(state.step))
   last_saved = manager.latest_step()
-  state, plan = _place_cooldown(setup, state, train_cfg)
+  state, plan = _place_cooldown(setup, state, step, train_cfg)
   end_step = min(train_cfg.num_steps, plan[1])
   progress = _progress(end_step, step)
   marks = collections.deque(maxlen=30)  # (step, time) at the last sync points: the recent pace.
-  aimed = False  # Whether the time budget placed the cooldown (it is then re-aimed as it goes).
   pending: list[dict] = []  # Device-side metrics since the last log, fetched together.
   flops, window_start = 0.0, time.perf_counter()
   sync_every = min(10, train_cfg.log_every)
@@ -267,9 +266,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
         marks.append((step, time.perf_counter()))
         if reason := stop.check():
           break
-        if stop.cooldown_due and setup.cools and (aimed or plan[0] > step):
-          state, plan, aimed = _aim_cooldown(setup, state, step, plan, aimed, marks, stop.deadline,
-                                             train_cfg.num_steps)
+        if stop.cooldown_due and setup.cools and (plan[2] or plan[0] > step):
+          state, plan = _aim_cooldown(setup, state, step, plan, marks, stop.deadline, train_cfg.num_steps)
           end_step = plan[1]
     save()
     if reason == "sigterm":
@@ -290,7 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
   return state
 
 
-def _place_cooldown(setup: Setup, state: TrainState, train_cfg: ml_collections.ConfigDict
+def _place_cooldown(setup: Setup, state: TrainState, step: int, train_cfg: ml_collections.ConfigDict
                     ) -> tuple[TrainState, tuple[int, int, int]]:
   """The state with its cooldown placed, and the plan on the host (`NO_COOLDOWN` for a run
   without one). A cooldown aimed at a time budget that has begun is kept as saved (a resumed run
@@ -298,7 +296,6 @@ def _place_cooldown(setup: Setup, state: TrainState, train_cfg: ml_collections.C
   configured now (a time budget may bring it forward later)."""
   if not setup.cools:
     return state, NO_COOLDOWN
-  step = int(jax.device_get(state.step))
   # The plan is replicated: any local copy will do.
   saved = tuple(int(x) for x in np.asarray(state.cooldown.addressable_data(0)))
   if saved[2] and saved[0] <= step:
@@ -311,32 +308,33 @@ def _place_cooldown(setup: Setup, state: TrainState, train_cfg: ml_collections.C
 
 
 def _aim_cooldown(setup: Setup, state: TrainState, step: int, plan: tuple[int, int, int],
-                  aimed: bool, marks: collections.deque, deadline: float, num_steps: int
-                  ) -> tuple[TrainState, tuple[int, int, int], bool]:
+                  marks: collections.deque, deadline: float, num_steps: int
+                  ) -> tuple[TrainState, tuple[int, int, int]]:
   """Aims the cooldown's end at the end of the time budget, at the pace of the last few hundred
   steps (validation and checkpoints included): the cooldown starts now unless the one planned by
   steps ends the run first. Once started it is re-aimed at every sync point, so that a machine
   that slows down or speeds up still reaches rate 0 with the budget: the rate falls from where it
   is at another slope. Process 0's estimate is every process's.
 
-  Returns the state, the plan on the host and whether the time budget has placed it.
+  Returns the state and the plan on the host.
   """
   (s0, t0), (s1, t1) = marks[0], marks[-1]
   if s1 <= s0:
-    return state, plan, aimed
+    return state, plan
   left = max(0.0, deadline - time.monotonic())
   end = min(num_steps, step + max(1, round((s1 - s0) / (t1 - t0) * left)))
   if jax.process_count() > 1:
     end = int(multihost_utils.broadcast_one_to_all(np.int32(end)))
+  aimed = bool(plan[2])  # Already placed by the budget (in this process: a resumed one ends first).
   if not aimed and end >= plan[1]:  # The cooldown by steps ends the run first.
-    return state, plan, False
+    return state, plan
   if not aimed:
     log.info("Cooldown: the learning rate falls linearly to 0 from step %d to about step %d, where "
              "the time budget ends at %.2f steps/s.", step, end, (s1 - s0) / (t1 - t0))
     first = step
   elif end == plan[1]:
-    return state, plan, True
+    return state, plan
   else:  # A new slope from the rate reached so far: the rate never jumps, up or down.
     reached = (plan[1] - step) / (plan[1] - plan[0])
     first = end - round((end - step) / max(reached, 1e-6))
-  return setup.with_cooldown(state, first, end, True), (first, end, 1), True
+  return setup.with_cooldown(state, first, end, True), (first, end, 1)
