@@ -3,6 +3,8 @@
 Same architecture and training recipe as base (post-LN, shared embeddings, label smoothing 0.1,
 Adam with the paper's schedule), narrower and shallower: N=3, d_model=256, d_ff=1024, h=4 (d_k=64
 as in base), an 8,000-piece vocabulary, packed rows of 128 tokens and a 30-minute training budget.
+Three departures, each chosen on validation (BENCHMARKS.md): a learning-rate cooldown at the end of
+the budget, no dropout, and the final parameters for the test instead of a checkpoint average.
 """
 
 from transformer_jax.config import base_config
@@ -16,6 +18,11 @@ def get_config():
   config.model.num_heads = 4
   config.model.num_layers = 3
   config.model.max_len = 128
+  # A departure, chosen on validation: 30 minutes are about 7 epochs of this corpus, too short for
+  # the paper's P_drop=0.1 to pay for itself. Without dropout (which also makes a step ~7% cheaper)
+  # validation BLEU on all 1,525 verses (beam 4) was 29.9 against 28.8, and every BLEU threshold
+  # came earlier; P_drop=0.2 was 0.33 nats behind at step 1,000 and was stopped there.
+  config.model.dropout_rate = 0.0
   config.data.dataset = "bible"
   config.data.tokens_per_batch = 4096
   config.data.packing = True  # One batch shape (one compilation) and little padding.
@@ -32,9 +39,11 @@ def get_config():
   config.train.cooldown_fraction = 0.2
   config.train.log_every = 20
   config.train.eval_every = 250  # Time to quality is read off the validation passes.
-  # Section 6.1 averages the last 5 checkpoints, written 10 minutes apart in 12 hours; here they are
-  # about 100 s apart, and the test uses their average only if it scores higher on validation.
+  # Section 6.1 averages the last 5 checkpoints. After a cooldown to rate 0 the final parameters
+  # did better on all 1,525 validation verses (beam 4): 28.8 against 28.0 for the average of the
+  # last 5 (with dropout 0.1), 29.9 against 29.1 (without); the 128-verse greedy check that picks
+  # between the two chose the average once in two, so the test takes the final parameters.
   config.train.checkpoint_every = 100
-  config.train.checkpoints_to_average = 5
+  config.train.checkpoints_to_average = 1
   config.train.eval_bleu_sentences = 128
   return config
