@@ -49,6 +49,7 @@ def test_a_step_that_does_not_fit_says_so_and_exits_1():
   assert "DOES NOT FIT" in out.getvalue()
 
 
+@pytest.mark.slow  # About 90 s: a search over batch sizes, each a TPU compile.
 def test_the_largest_batch_fits_and_one_more_row_per_shard_does_not():
   config, devices = tiny(), jax.devices()[:8]
   memory = int(0.05 * GIB)

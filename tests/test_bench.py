@@ -32,6 +32,7 @@ def test_train_step_benchmark_prints_step_time_and_mfu():
   assert "peak (the highest)" in out
 
 
+@pytest.mark.slow  # About 80 s: both libraries' steps, each in its process.
 def test_train_step_benchmark_times_the_pytorch_peer_in_its_own_process():
   pytest.importorskip("torch")
   out = run_script("bench/train_step.py", "--sizes", "small", "--batch", "2x16", "--rounds", "2",

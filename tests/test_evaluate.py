@@ -136,6 +136,8 @@ def test_decoding_compiles_once_per_shape_for_the_whole_run(run_dir):
     assert first.count >= 1
 
 
+@pytest.mark.slow  # About three minutes: trains, then decodes in five processes; test_decode.py
+# checks sharded decoding against unsharded in one process.
 def test_decoding_across_processes_and_meshes_gives_the_same_translations(tmp_path):
   """A tiny run trained 300 steps (its outputs vary from sentence to sentence, and beam search
   differs from greedy on most), translated greedily and with beam 4 by 2 processes x 2 devices,

@@ -141,6 +141,7 @@ def write_corpus(directory, name, pairs):
   return str(path)
 
 
+@pytest.mark.slow  # About a minute of training; the import's equality tests stay in the default run.
 def test_fine_tuning_an_imported_model_lowers_its_loss_and_translates(marian_dir, tmp_path):
   from transformer_jax import evaluate, experiment
   pairs = list(zip(ENGLISH, GERMAN))

@@ -81,6 +81,7 @@ def test_loss_on_eight_devices_equals_loss_on_one():
   np.testing.assert_allclose(results[0], results[1], rtol=1e-5)
 
 
+@pytest.mark.slow  # About 80 s; the cooldown's resume test below also resumes bit for bit, after a SIGTERM.
 def test_resumed_run_equals_straight_run_bit_for_bit(tmp_path):
   run_tiny(tmp_path / "straight", 8, "--dump", str(tmp_path / "straight.npz"))
   run_tiny(tmp_path / "resumed", 4, "--checkpoint_every", "4")
@@ -177,6 +178,7 @@ def test_two_processes_equal_one_process_bit_for_bit(tmp_path):
   assert_bitwise_equal(load_dump(tmp_path / "single.npz"), load_dump(tmp_path / "multi.npz"))
 
 
+@pytest.mark.slow  # About a minute; two processes equal one in the test above.
 def test_two_processes_agree_on_the_time_budgets_cooldown(tmp_path):
   """Each process measures its own steps per second; the cooldown's end is process 0's estimate,
   so both place the same plan at the same step and stop together."""
@@ -263,7 +265,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, m
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=pytest.mark.slow)])
 def test_a_tiny_model_learns_to_reverse_sequences_exactly(dtype):
   """Trained on made-up pairs whose target is the reversed source, greedy decoding of held-out
   sources gives their exact reversals; computing in bfloat16 (parameters, softmax, loss and the
