@@ -26,6 +26,7 @@ def tiny(**mesh):
   return config
 
 
+@pytest.mark.slow  # About 40 s; the command tests below compile for CPU devices and a TPU slice.
 def test_the_train_step_and_decoding_compile_for_eight_devices_with_their_figures():
   config = tiny(fsdp=2)
   out = io.StringIO()

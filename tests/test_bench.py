@@ -99,6 +99,7 @@ def test_the_pytorch_peer_computes_our_logits():
   np.testing.assert_array_equal(theirs, mine[:, :theirs.shape[1]])
 
 
+@pytest.mark.slow  # About 50 s; tests/test_marian.py checks the same translations as Hugging Face's.
 def test_decode_benchmark_times_ours_and_hugging_face_on_the_same_weights():
   pytest.importorskip("transformers")
   out = run_script("bench/decode.py", "--sentences", "2", "--single", "1", "--rounds", "1",

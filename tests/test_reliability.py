@@ -365,6 +365,7 @@ def test_minutes_to_bleu_is_the_first_validation_pass_that_reached_each_threshol
   assert minutes_to_bleu([]) == {"10": None, "20": None, "25": None}
 
 
+@pytest.mark.slow  # About a minute of training; test_trainer.py checks the average itself.
 def test_the_test_uses_the_checkpoint_average_only_when_validation_prefers_it(tmp_path, text_corpus):
   workdir = tmp_path / "run"
   flags = ["--config.train.num_steps=6", "--config.train.checkpoint_every=2", "--config.train.eval_every=2",

@@ -67,6 +67,7 @@ def test_a_tiny_model_overfits_one_batch():
   assert float(metrics["correct"]) == float(metrics["tokens"])
 
 
+@pytest.mark.slow  # About 45 s; tests/test_sharding.py trains on four meshes against one device.
 def test_loss_on_eight_devices_equals_loss_on_one():
   config, one = tiny_setup(devices=jax.devices()[:1])
   _, eight = tiny_setup(devices=jax.devices()[:8])
