@@ -325,7 +325,7 @@ def _aim_cooldown(setup: Setup, state: TrainState, step: int, plan: tuple[int, i
   end = min(num_steps, step + max(1, round((s1 - s0) / (t1 - t0) * left)))
   if jax.process_count() > 1:
     end = int(multihost_utils.broadcast_one_to_all(np.int32(end)))
-  aimed = bool(plan[2])  # Already placed by the budget (in this process: a resumed one ends first).
+  aimed = bool(plan[2])  # Placed by this process's budget already (a resumed plan ends before that).
   if not aimed and end >= plan[1]:  # The cooldown by steps ends the run first.
     return state, plan
   if not aimed:
