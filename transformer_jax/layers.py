@@ -70,7 +70,36 @@ class SharedEmbedding(nn.Module):
     """The pre-softmax linear layer: [B, L, D] -> [B, L, V] logits, accumulated in float32."""
     cfg = self.config
     w = jnp.asarray(self.embedding).astype(cfg.compute_dtype)
-    return jnp.einsum("BLD,VD->BLV", x.astype(cfg.compute_dtype), w, preferred_element_type=jnp.float32)
+    return project_to_vocabulary(x.astype(cfg.compute_dtype), w)
+
+
+@jax.custom_vjp
+def project_to_vocabulary(x: Array, w: Array) -> Array:
+  """[B, L, D] x [V, D] -> [B, L, V] float32 logits: x w^T.
+
+  Autodiff's backward would compute the weight gradient as g^T x with the [B, L, V] logit gradient
+  g as the left operand, and XLA on a CPU then writes g out transposed first: a copy of the largest
+  array of the step (V x B x L floats, 131 MB for the quick start), 4% of its time on an AMD Zen 4.
+  This backward computes (x^T g)^T instead, transposing the [D, V] product, a fraction of the size
+  (BENCHMARKS.md, "Train step"). The gradients are the same products, with g rounded to the
+  compute dtype as in any mixed-precision backward.
+  """
+  return jnp.einsum("BLD,VD->BLV", x, w, preferred_element_type=jnp.float32)
+
+
+def _project_forward(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+  return project_to_vocabulary(x, w), (x, w)
+
+
+def _project_backward(saved: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+  x, w = saved
+  g = g.astype(x.dtype)
+  dx = jnp.einsum("BLV,VD->BLD", g, w, preferred_element_type=jnp.float32)
+  dw_t = jnp.einsum("BLD,BLV->DV", x, g, preferred_element_type=jnp.float32)
+  return dx.astype(x.dtype), dw_t.T.astype(w.dtype)
+
+
+project_to_vocabulary.defvjp(_project_forward, _project_backward)
 
 
 class PositionalEncoding(nn.Module):
