@@ -94,9 +94,11 @@ def _project_forward(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
 def _project_backward(saved: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
   x, w = saved
   g = g.astype(x.dtype)
-  dx = jnp.einsum("BLV,VD->BLD", g, w, preferred_element_type=jnp.float32)
-  dw_t = jnp.einsum("BLD,BLV->DV", x, g, preferred_element_type=jnp.float32)
-  return dx.astype(x.dtype), dw_t.T.astype(w.dtype)
+  # Products in the compute dtype (accumulated in float32 by the backends): XLA:CPU folds the
+  # transpose into the product, and has no such product of bfloat16 operands with a float32 result.
+  dx = jnp.einsum("BLV,VD->BLD", g, w)
+  dw_t = jnp.einsum("BLD,BLV->DV", x, g)
+  return dx, dw_t.T.astype(w.dtype)
 
 
 project_to_vocabulary.defvjp(_project_forward, _project_backward)
