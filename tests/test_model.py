@@ -8,6 +8,7 @@ import pytest
 
 from conftest import init_params, random_tokens, tiny_config
 from transformer_jax import PAD_ID, Transformer, TransformerConfig, init_cache
+from transformer_jax.losses import compute_metrics
 from transformer_jax.model import shift_right
 
 B, S, T = 3, 7, 6
@@ -186,6 +187,22 @@ def test_bfloat16_compute_runs_and_stays_close_to_float32():
   p32, p16 = jax.nn.softmax(f32), jax.nn.softmax(bf16)
   assert float(jnp.abs(p32 - p16).max()) < 0.02
   assert float(jnp.mean(jnp.argmax(f32, -1) == jnp.argmax(bf16, -1))) > 0.9
+
+
+def test_bfloat16_compute_gradients_compile_and_point_where_float32_gradients_do():
+  config = tiny_config()
+  src, tgt = batch(config)
+  params = init_params(config, src, tgt)
+
+  def gradients(dtype):
+    model = Transformer(tiny_config(dtype=dtype))
+    loss = lambda p: compute_metrics(model.apply({"params": p}, src, tgt), tgt, 0.1)["loss"]
+    return jnp.concatenate([g.ravel() for g in jax.tree.leaves(jax.jit(jax.grad(loss))(params))])
+
+  g32, g16 = gradients("float32"), gradients("bfloat16")
+  assert g16.dtype == jnp.float32  # Parameters and their gradients stay float32.
+  cosine = jnp.dot(g32, g16) / (jnp.linalg.norm(g32) * jnp.linalg.norm(g16))
+  assert float(cosine) > 0.99
 
 
 def test_bfloat16_parameters():
