@@ -79,10 +79,10 @@ def project_to_vocabulary(x: Array, w: Array) -> Array:
 
   Autodiff's backward would compute the weight gradient as g^T x with the [B, L, V] logit gradient
   g as the left operand, and XLA on a CPU then writes g out transposed first: a copy of the largest
-  array of the step (V x B x L floats, 131 MB for the quick start). This backward computes
-  (x^T g)^T, transposing the [D, V] product instead (D / (B x L) of the size): the quick start's
-  step is 1.08x faster on an AMD Zen 4 (BENCHMARKS.md, "Train step"). The gradients are the same
-  products, with g rounded to the compute dtype as in any mixed-precision backward.
+  array of the step (V x B x L floats, 131 MB for the quick start). Written as (x^T g)^T, the same
+  product leads XLA to transpose x instead (D x B x L floats, 4 MB): the quick start's step is
+  1.08x faster on an AMD Zen 4 (BENCHMARKS.md, "Train step"). The gradients are the same products,
+  with g rounded to the compute dtype as in any mixed-precision backward.
   """
   return jnp.einsum("BLD,VD->BLV", x, w, preferred_element_type=jnp.float32)
 
