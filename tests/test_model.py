@@ -133,6 +133,37 @@ def test_packed_rows_keep_examples_apart():
   np.testing.assert_allclose(packed[:, 3:7], alone_b, atol=1e-5)
 
 
+@pytest.mark.parametrize("logits_bias", [False, True])
+def test_metrics_without_the_logits_equal_the_metrics_of_the_logits(logits_bias):
+  """`Transformer.metrics` (the train and eval steps' loss) against `compute_metrics` of the
+  logits, on packed rows with padding: the same sums, and the loss's gradients of every
+  parameter."""
+  config = tiny_config(logits_bias=logits_bias)
+  src, tgt = batch(config, 3, 2, 9, 8)
+  tgt = tgt.at[1, 6:].set(PAD_ID)
+  packing = {"tgt_segments": (tgt != PAD_ID).astype(jnp.int32).at[0, 4:].set(2),
+             "tgt_positions": jnp.asarray([[0, 1, 2, 3, 0, 1, 2, 3], list(range(8))])}
+  model = Transformer(config)
+  params = init_params(config, src, tgt)
+  if logits_bias:  # Not zero, so that its gradient and its place in the logits both count.
+    params["decoder"]["logits_bias"] = jnp.linspace(-1.0, 1.0, config.vocab_size)
+
+  def both(params):
+    plain = compute_metrics(model.apply({"params": params}, src, tgt, **packing), tgt, 0.1)
+    ours = model.apply({"params": params}, src, tgt, label_smoothing=0.1, chunks=3,
+                       method=Transformer.metrics, **packing)
+    return plain, ours
+
+  plain, ours = jax.jit(both)(params)
+  for key in ("loss", "nll", "correct", "tokens"):
+    np.testing.assert_allclose(ours[key], plain[key], rtol=1e-5, err_msg=key)
+  mean_loss = lambda i: lambda p: (lambda m: m["loss"] / m["tokens"])(both(p)[i])
+  expected, got = (jax.jit(jax.grad(mean_loss(i)))(params) for i in (0, 1))
+  for path, a in jax.tree_util.tree_leaves_with_path(got):
+    b = dict(jax.tree_util.tree_leaves_with_path(expected))[path]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 def test_shift_right_starts_every_example_with_bos():
   tgt = jnp.asarray([[5, 6, 1, 7, 1, 0]])
   positions = jnp.asarray([[0, 1, 2, 0, 1, 2]])

@@ -169,6 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.adam_b2 = 0.98
   config.train.adam_eps = 1e-9
   config.train.label_smoothing = 0.1  # epsilon_ls, section 5.4.
+  # The loss's pre-softmax projection and softmax run over this many slices of the target length,
+  # never holding all the [B, T, V] logits (losses.vocabulary_metrics); the same arithmetic.
+  config.train.loss_chunks = 4
   config.train.checkpoints_to_average = 5  # Section 6.1: 5 for base, 20 for big.
   config.train.schedule = "paper"  # "paper" (5.3), "cosine" or "constant" (after warm-up).
   config.train.learning_rate_scale = 1.0  # Multiplies the paper's schedule.
@@ -265,6 +268,7 @@ _RUN_FIELDS = {
     "train.adam_b2": (_FLOAT, 0.0, False),
     "train.adam_eps": (_FLOAT, 0.0, True),
     "train.label_smoothing": (_FLOAT, 0.0, False),
+    "train.loss_chunks": (_INT, 1, False),
     "train.checkpoints_to_average": (_INT, 1, False),
     "train.learning_rate_scale": (_FLOAT, 0.0, True),
     "train.learning_rate": (_FLOAT, 0.0, True),

@@ -68,9 +68,11 @@ class SharedEmbedding(nn.Module):
 
   def attend(self, x: Array) -> Array:
     """The pre-softmax linear layer: [B, L, D] -> [B, L, V] logits, accumulated in float32."""
-    cfg = self.config
-    w = jnp.asarray(self.embedding).astype(cfg.compute_dtype)
-    return project_to_vocabulary(x.astype(cfg.compute_dtype), w)
+    return project_to_vocabulary(x.astype(self.config.compute_dtype), self.output_table())
+
+  def output_table(self) -> Array:
+    """The matrix as the pre-softmax projection uses it: [V, D], in the compute dtype."""
+    return jnp.asarray(self.embedding).astype(self.config.compute_dtype)
 
 
 @jax.custom_vjp

@@ -26,6 +26,7 @@ from transformer_jax.attention import SELF_CACHE, MultiHeadAttention, causal_mas
 from transformer_jax.config import TransformerConfig
 from transformer_jax.constants import BOS_ID, PAD_ID
 from transformer_jax.layers import Dropout, FeedForward, PositionalEncoding, SharedEmbedding, layer_norm
+from transformer_jax.losses import vocabulary_metrics
 
 Array = jax.Array
 
@@ -52,12 +53,33 @@ class Transformer(nn.Module):
 
     logits[:, t] is the prediction of tgt[:, t] from the source and tgt[:, :t].
     """
+    return self._teacher_forced(src, tgt, None, src_segments=src_segments,
+                                src_positions=src_positions, tgt_segments=tgt_segments,
+                                tgt_positions=tgt_positions, train=train)
+
+  def metrics(self, src: Array, tgt: Array, *, label_smoothing: float, chunks: int = 1,
+              weights: Array | None = None, src_segments: Array | None = None,
+              src_positions: Array | None = None, tgt_segments: Array | None = None,
+              tgt_positions: Array | None = None, train: bool = False) -> dict[str, Array]:
+    """`compute_metrics(self(src, tgt, ...), tgt, label_smoothing, weights)`, the summed loss,
+    nll, correct predictions and tokens, without the [B, T, V] logits: the pre-softmax projection
+    and the loss run over `chunks` slices of the target length (`losses.vocabulary_metrics`; only
+    the loss has a gradient). The train and eval steps use this."""
+    head = lambda y, table, bias: vocabulary_metrics(y, table, tgt, label_smoothing, bias=bias,
+                                                      weights=weights, chunks=chunks)
+    return self._teacher_forced(src, tgt, head, src_segments=src_segments,
+                                src_positions=src_positions, tgt_segments=tgt_segments,
+                                tgt_positions=tgt_positions, train=train)
+
+  def _teacher_forced(self, src, tgt, head, *, src_segments, src_positions, tgt_segments,
+                      tgt_positions, train):
     tgt_segments = _default_segments(tgt, tgt_segments)
     tgt_positions = _default_positions(tgt, tgt_positions)
     encoded = self.encode(src, src_segments=src_segments, src_positions=src_positions, train=train)
     tgt_in = shift_right(tgt, tgt_positions)
-    return self.decode(encoded, src, tgt_in, src_segments=src_segments, tgt_segments=tgt_segments,
-                       tgt_positions=tgt_positions, train=train)
+    src_segments = _default_segments(src, src_segments)
+    return self.decoder(encoded, src_segments, tgt_in, tgt_segments, tgt_positions, train=train,
+                        head=head)
 
   def encode(self, src: Array, *, src_segments: Array | None = None,
              src_positions: Array | None = None, train: bool = False) -> Array:
@@ -129,8 +151,14 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, encoded: Array, src_segments: Array, tgt_in: Array, tgt_segments: Array,
-               positions: Array, *, train: bool, decode_index: Array | None = None) -> Array:
-    """[B, T] decoder inputs -> [B, T, V] float32 logits of the next tokens."""
+               positions: Array, *, train: bool, decode_index: Array | None = None,
+               head: Callable[[Array, Array, Array | None], Any] | None = None) -> Any:
+    """[B, T] decoder inputs -> [B, T, V] float32 logits of the next tokens.
+
+    With `head`, returns `head(y, table, bias)` instead: the last layer's output y [B, T, D] and
+    the pre-softmax projection's weights (the embedding matrix [V, D] in the compute dtype, and the
+    logits bias [V] or None), for a loss that never holds all the logits (`Transformer.metrics`).
+    """
     cfg = self.config
     y = PositionalEncoding(cfg, name="positions")(self.embed(tgt_in), positions)
     y = Dropout(cfg.dropout_rate)(y, deterministic=not train)
@@ -144,10 +172,14 @@ class Decoder(nn.Module):
           y, encoded, self_mask, cross_mask, train=train, decode_index=decode_index)
     if cfg.norm_position == "pre":
       y = layer_norm(cfg, "final_norm")(y)
-    logits = self.embed.attend(y)
+    bias = None
     if cfg.logits_bias:
       bias = self.param("logits_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                         (cfg.vocab_size,), cfg.weight_dtype)
+    if head is not None:
+      return head(y.astype(cfg.compute_dtype), self.embed.output_table(), bias)
+    logits = self.embed.attend(y)
+    if bias is not None:
       logits = logits + bias.astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 

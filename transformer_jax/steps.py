@@ -30,7 +30,6 @@ import optax
 from transformer_jax import decode, sharding
 from transformer_jax.config import TransformerConfig
 from transformer_jax.errors import ConfigError
-from transformer_jax.losses import compute_metrics
 from transformer_jax.model import Transformer
 from transformer_jax.optim import (NO_COOLDOWN, cooldown_factor, cooldown_fraction,
                                    learning_rate_schedule, make_optimizer)
@@ -222,7 +221,9 @@ def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -
   cools = cooldown_fraction(config.train) > 0
   boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.key(0), cools))
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
-  label_smoothing = float(config.train.label_smoothing)
+  # The loss without the [B, T, V] logits (Transformer.metrics), over slices of the target length.
+  loss_options = {"label_smoothing": float(config.train.label_smoothing),
+                  "chunks": int(config.train.get("loss_chunks", 1))}
   accum = int(config.train.grad_accum_steps)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -230,9 +231,9 @@ def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -
     step_key = jax.random.fold_in(dropout_key, state.step)
 
     def loss_fn(params):
-      logits = model.apply({"params": params}, batch["src"], batch["tgt"], train=True,
-                           rngs={"dropout": step_key}, **_model_inputs(batch))
-      metrics = compute_metrics(logits, batch["tgt"], label_smoothing)
+      metrics = model.apply({"params": params}, batch["src"], batch["tgt"], train=True,
+                            rngs={"dropout": step_key}, method=Transformer.metrics,
+                            **loss_options, **_model_inputs(batch))
       return metrics["loss"] / jnp.maximum(metrics["tokens"], 1.0), metrics
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -247,8 +248,8 @@ def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def eval_step(params: Any, batch: Batch) -> dict:
-    logits = model.apply({"params": params}, batch["src"], batch["tgt"], **_model_inputs(batch))
-    return compute_metrics(logits, batch["tgt"], label_smoothing)
+    return model.apply({"params": params}, batch["src"], batch["tgt"], method=Transformer.metrics,
+                       **loss_options, **_model_inputs(batch))
 
   batch_sharding = sharding.batch_sharding(mesh)
   jit_train = jax.jit(train_step, donate_argnums=0,
