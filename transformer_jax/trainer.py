@@ -185,17 +185,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
     iterator.set_state(data_state)
     log.info("Resumed from step %d in %s.", int(state.step), manager.directory)
   dropout_key = root_keys(config.seed)[1]
-  writer = MetricWriter(workdir)
   own_stop = stop is None
   stop = StopRequests.for_run(train_cfg) if own_stop else stop
+  # The metrics' clock starts with the budget (creating the writer takes a second or two).
+  writer = MetricWriter(workdir)
   peak = peak_flops_per_device(setup.model_config.dtype, config.train.peak_flops)
 
-  step = int(jax.device_get(state.step))
+  step = first_step = int(jax.device_get(state.step))
   last_saved = manager.latest_step()
   state, plan = _place_cooldown(setup, state, step, train_cfg)
   end_step = min(train_cfg.num_steps, plan[1])
   progress = _progress(end_step, step)
-  marks = collections.deque(maxlen=30)  # (step, time) at the last sync points: the recent pace.
+  # (step, time) at the last sync points: the recent pace. The end of the first step (after its
+  # compilation) is the first, so that a cooldown due at the first sync point has a pace.
+  marks = collections.deque(maxlen=30)
   pending: list[dict] = []  # Device-side metrics since the last log, fetched together.
   flops, window_start = 0.0, time.perf_counter()
   sync_every = min(10, train_cfg.log_every)
@@ -262,6 +265,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
         flush_metrics()
         writer.write(step, "validation", evaluate(state.params, step))
         window_start = time.perf_counter()
+      if step == first_step + 1:
+        jax.block_until_ready(metrics)
+        marks.append((step, time.perf_counter()))
       if step % sync_every == 0:
         marks.append((step, time.perf_counter()))
         if reason := stop.check():
