@@ -55,6 +55,11 @@ def test_training_on_a_mesh_equals_training_on_one_device(one_device, mesh):
   _, setup = mesh_setup(mesh)
   mesh_losses, mesh_params = train(setup, batches)
   np.testing.assert_allclose(mesh_losses, losses, rtol=1e-5)
+  # Adam moves a parameter by up to the learning rate a step whatever its gradient's size, so a
+  # gradient summed in another order (rounding) shows in a parameter as the rate times its relative
+  # rounding: up to 1e-4 of the rate here (an embedding row of a rare token, fsdp4xtensor2 on an
+  # AVX2 CPU). A sharding error moves parameters by a good part of the rate.
+  atol = 1e-3 * config_lr()
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(mesh_params), jax.tree.leaves(params)):
     name = jax.tree_util.keystr(path)
     if name.endswith("['key']['bias']"):
@@ -63,7 +68,7 @@ def test_training_on_a_mesh_equals_training_on_one_device(one_device, mesh):
       # its size, not its values.
       assert np.abs(a).max() < 10 * config_lr(), name
       continue
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("mesh", MESHES[1:], ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items()))
