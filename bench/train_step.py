@@ -98,11 +98,14 @@ class StepInputs(NamedTuple):
   batch: dict  # src and tgt on the mesh
 
 
-def step_inputs(size: str, batch_shape=None, **model_overrides) -> StepInputs:
+def step_inputs(size: str, batch_shape=None, loss_chunks: int = 0, **model_overrides) -> StepInputs:
   """What a benchmark of the train step times: the config's setup, its initial state and a random
-  batch of `batch_shape` (rows, length) per side (default: CPU_BATCHES[size])."""
+  batch of `batch_shape` (rows, length) per side (default: CPU_BATCHES[size]); `loss_chunks` > 0
+  replaces `train.loss_chunks`."""
   config = load_config_file(os.path.join(CONFIGS, f"{size}.py"))
   config.model.update(model_overrides)
+  if loss_chunks:
+    config.train.loss_chunks = loss_chunks
   rows, length = batch_shape or CPU_BATCHES[size]
   rng = np.random.default_rng(0)
   src, tgt = (rng.integers(4, config.model.vocab_size, (rows, length)).astype(np.int32)
@@ -114,7 +117,7 @@ def step_inputs(size: str, batch_shape=None, **model_overrides) -> StepInputs:
 
 def bench_size(size: str, args) -> dict:
   config, setup, state, key, src, tgt, batch = step_inputs(
-      size, args.batch, attention_impl=args.attention_impl, dtype=args.dtype)
+      size, args.batch, args.loss_chunks, attention_impl=args.attention_impl, dtype=args.dtype)
   rows, length = src.shape
   cfg = TransformerConfig.from_config(config.model)
   t0 = time.perf_counter()
@@ -153,6 +156,8 @@ def main():
   parser.add_argument("--batch", default="", help="ROWSxLENGTH per side, for every size (default: per size)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--attention_impl", default="einsum", choices=("einsum", "dot_product", "cudnn"))
+  parser.add_argument("--loss_chunks", type=int, default=0,
+                      help="slices of the target length for the projection and loss (default: the config's)")
   parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
   parser.add_argument("--torch_stock", action="store_true",
                       help="keep nn.Transformer's attention/feed-forward dropout and final norms")
@@ -191,7 +196,8 @@ def main():
     from importlib.metadata import version
     versions += f", torch {version('torch')} ({args.threads} threads, its own process)"
   print(f"\nCPU: {cpu_description()}")
-  print(f"{versions}, {args.dtype}, attention_impl={args.attention_impl}, "
+  chunks = args.loss_chunks or "the config's"
+  print(f"{versions}, {args.dtype}, attention_impl={args.attention_impl}, loss_chunks={chunks}, "
         f"{'default allocator' if args.default_memory else 'keep_cpu_step_memory'}, "
         f"medians of {args.rounds} {'interleaved ' if not args.no_torch else ''}rounds\n")
   mfu = lambda r, t: f"{r['flops'] / t / peak:>7.1%}" if peak else f"{'n/a':>7}"
