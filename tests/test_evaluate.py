@@ -107,20 +107,29 @@ def test_evaluate_command_scores_files_with_averaged_checkpoints(run_dir, tmp_pa
 
 
 class CompileCounter:
-  """Counts XLA compilations (jax's backend-compile events) inside a `with` block."""
+  """Counts XLA compilations inside a `with` block: jax's backend-compile events, and the programs
+  it loads from the persistent compilation cache instead (which the test run shares between
+  processes, tests/conftest.py)."""
 
   def __enter__(self):
     self.count = 0
-    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    jax.monitoring.register_event_duration_secs_listener(self._listen_duration)
+    jax.monitoring.register_event_listener(self._listen)
     return self
 
-  def _listen(self, event, duration, **kwargs):
+  def _listen_duration(self, event, duration, **kwargs):
     del duration, kwargs
     if event == "/jax/core/compile/backend_compile_duration":
       self.count += 1
 
+  def _listen(self, event, **kwargs):
+    del kwargs
+    if event == "/jax/compilation_cache/cache_hits":
+      self.count += 1
+
   def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self._listen)
+    jax.monitoring.unregister_event_duration_listener(self._listen_duration)
+    jax.monitoring.unregister_event_listener(self._listen)
 
 
 def test_decoding_compiles_once_per_shape_for_the_whole_run(run_dir):
