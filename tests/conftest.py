@@ -9,11 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 def _share_compilations() -> None:
   """One persistent compilation cache for the whole test run: the pytest workers and every process
-  the tests start (tiny runs, notebooks' kernels, benchmarks) inherit it, so each tiny program
-  compiles once instead of once per process (a tiny run's process took 14 s instead of 30 on a
-  2-core Zen 3). It is made empty for each run and removed after it: nothing from an earlier run
-  is reused. The file lock (filelock, a test dependency) keeps workers from reading half-written
-  entries."""
+  the tests start (tiny runs, notebooks' kernels, benchmarks) inherit it, so each train step or
+  decoder compiles once instead of once per process (a tiny run's process took 10 s instead of 19
+  on a 2-core Zen 3). It is made empty for each run and removed after it: nothing from an earlier
+  run is reused. jax keeps programs that took at least a second to compile (its default), a few
+  hundred files; a size limit would make every write list the whole directory, so there is none."""
   if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # A worker: the controller made it.
     return
   import atexit
@@ -22,8 +22,6 @@ def _share_compilations() -> None:
   cache = tempfile.mkdtemp(prefix="transformer_jax_tests_xla_")
   atexit.register(shutil.rmtree, cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
-  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # Tiny programs too.
-  os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(4 << 30)  # A size limit turns the lock on.
 
 
 _share_compilations()
