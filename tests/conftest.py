@@ -13,8 +13,9 @@ def _share_compilations() -> None:
   decoder compiles once instead of once per process (a tiny run's process took 10 s instead of 19
   on a 2-core Zen 3). It is made empty for each run and removed after it: nothing from an earlier
   run is reused. jax keeps programs that took at least a second to compile (its default): about
-  a hundred files for the whole run; a size limit would make every write list the whole directory, so there is none."""
-  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # A worker: the controller made it.
+  a hundred files for the whole run. There is no size limit: with one, every write lists the
+  whole directory."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:  # A worker (the controller made it), or the user's.
     return
   import atexit
   import shutil
