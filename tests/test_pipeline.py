@@ -56,16 +56,45 @@ def test_batches_respect_the_token_budget_and_report_padding(packing):
   assert 0 < np.mean(fractions) < (0.2 if packing else 0.5)
 
 
-def test_evaluation_sees_every_example_exactly_once():
+@pytest.mark.parametrize("packing", [False, True])
+def test_evaluation_sees_every_example_exactly_once(packing):
   corpus = fake_corpus()
   indices, _ = pipeline.keep_indices(corpus, 32)
-  batches = epoch_batches(corpus, shuffle=False, num_epochs=1)
+  batches = pipeline.EpochBatches.single_pass(corpus, indices, tokens_per_batch=512, max_len=32,
+                                              packing=packing, multiple_of=2)
   seen = [i for k in range(len(batches)) for row in batches.plan(0).rows[k] for i in row]
   assert sorted(seen) == sorted(indices.tolist())
-  real_rows = sum(int(np.any(batches[k]["src"] != PAD_ID, axis=1).sum()) for k in range(len(batches)))
-  assert real_rows == len(indices)
+  if packing:  # Every example is one segment of a row; every batch has the same shape.
+    examples = sum(int(batches[k]["tgt_segments"].max(axis=1).sum()) for k in range(len(batches)))
+    assert {batches[k]["src"].shape for k in range(len(batches))} == {(16, 32)}
+  else:
+    examples = sum(int(np.any(batches[k]["src"] != PAD_ID, axis=1).sum()) for k in range(len(batches)))
+  assert examples == len(indices)
+  target_tokens = sum(int((batches[k]["tgt"] != PAD_ID).sum()) for k in range(len(batches)))
+  assert target_tokens == corpus.tgt_lengths[indices].sum()
   with pytest.raises(IndexError):
     batches[len(batches)]
+
+
+def test_the_loss_over_packed_evaluation_batches_equals_the_bucketed_loss():
+  """Validation packs its rows when training does; the loss, accuracy and token count must not
+  depend on it, and the whole pass must compile one program."""
+  from tiny_run import fake_corpus as reversal_corpus, tiny_setup
+  from transformer_jax.steps import evaluate_loss
+  config, setup = tiny_setup(jax.devices()[:1])
+  params = setup.init_state(0).params
+  corpus = reversal_corpus()
+  indices, _ = pipeline.keep_indices(corpus, 32)
+  metrics, shapes = {}, {}
+  for packing in (False, True):
+    batches = pipeline.EpochBatches.single_pass(corpus, indices, tokens_per_batch=256, max_len=32,
+                                                packing=packing)
+    shapes[packing] = {batches[k]["tgt"].shape for k in range(len(batches))}
+    metrics[packing] = evaluate_loss(setup, params, (batches[k] for k in range(len(batches))))
+  assert len(shapes[True]) == 1 < len(shapes[False])
+  assert metrics[True]["tokens"] == metrics[False]["tokens"] == corpus.tgt_lengths[indices].sum()
+  for key in ("loss", "accuracy", "perplexity"):
+    np.testing.assert_allclose(metrics[True][key], metrics[False][key], rtol=1e-5, err_msg=key)
 
 
 def test_two_processes_get_disjoint_shards_that_cover_the_data():

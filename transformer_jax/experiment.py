@@ -131,10 +131,12 @@ def translation_metrics(setup: Setup, params: Any, config: ml_collections.Config
 
 
 def eval_batches(config: ml_collections.ConfigDict, setup: Setup, split: Split) -> pipeline.EpochBatches:
-  """Every example of the split exactly once, bucketed, padded (never dropped)."""
+  """Every example of the split exactly once (never dropped), for the loss: packed into rows of
+  `data.max_len` when training packs (one batch shape: the quick start's first validation pass
+  compiled 9 programs for its 9 bucket shapes), otherwise bucketed by length and padded."""
   return pipeline.EpochBatches.single_pass(
       split.corpus, split.indices, tokens_per_batch=config.data.tokens_per_batch,
-      max_len=config.data.max_len, **sharding.row_split(setup.mesh))
+      max_len=config.data.max_len, packing=config.data.packing, **sharding.row_split(setup.mesh))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

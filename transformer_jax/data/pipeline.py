@@ -207,12 +207,13 @@ class EpochBatches:
 
   @classmethod
   def single_pass(cls, corpus: TokenizedCorpus, indices: np.ndarray, *, tokens_per_batch: int,
-                  max_len: int, multiple_of: int = 1, process_index: int = 0,
+                  max_len: int, packing: bool = False, multiple_of: int = 1, process_index: int = 0,
                   process_count: int = 1) -> EpochBatches:
-    """Every example of `indices` exactly once, bucketed by length and padded, never shuffled or
-    dropped: the batches of evaluation and translation."""
+    """Every example of `indices` exactly once, never shuffled or dropped: the batches of
+    evaluation and translation. Bucketed by length and padded, or packed (for the loss only:
+    one batch shape, so one compilation, and less padding)."""
     return cls(corpus, np.asarray(indices), tokens_per_batch=tokens_per_batch, max_len=max_len,
-               packing=False, seed=0, shuffle=False, num_epochs=1, multiple_of=multiple_of,
+               packing=packing, seed=0, shuffle=False, num_epochs=1, multiple_of=multiple_of,
                process_index=process_index, process_count=process_count)
 
   def plan(self, epoch: int) -> BatchPlan:
