@@ -172,9 +172,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       num_epochs=None, **sharding.row_split(setup.mesh))
   _log_padding(batches)
   bleu_sample = validation.indices[:config.train.eval_bleu_sentences]
+  validation_batches = eval_batches(config, setup, validation)  # Planned once, read every pass.
 
   def evaluate_validation(params, step):
-    metrics = evaluate_loss(setup, params, eval_batches(config, setup, validation))
+    metrics = evaluate_loss(setup, params, validation_batches)
     if len(bleu_sample):
       scores, _ = translation_metrics(setup, params, config, validation, tokenizer, bleu_sample, beam_size=1)
       metrics.update(bleu_greedy=scores["bleu"], chrf_greedy=scores["chrf"])
