@@ -8,7 +8,8 @@ Runs the train step of bench/train_step.py (same batch, same settings) a few tim
 instructions of the step's compiled program) over the traced steps, and sorts the ops into kinds by
 what the compiled HLO says they compute: matrix products (split into those with the vocabulary
 dimension, i.e. the pre-softmax projection and its gradients, attention's batched products of
-queries and keys and of weights and values, and the rest), dropout's random bits
+queries and keys and of weights and values, and the rest; each marked when XLA left it to Eigen
+instead of a YNNPACK fusion), dropout's random bits
 and masks, the Adam update, vocabulary-sized elementwise work (softmax, loss and their gradients),
 layer norms, layout copies and other elementwise work. Ops run on two threads and overlap, so the
 shares are of the summed op time, and the step's wall time is printed beside it. The largest ops
@@ -57,10 +58,10 @@ def hlo_instructions(hlo_text: str) -> tuple[dict, dict]:
     name, shape, opcode = match.groups()
     calls = _CALLS.search(line)
     op_name = _OP_NAME.search(line)
-    instructions[name] = (shape, opcode, calls.group(1) if calls else None,
-                          op_name.group(1) if op_name else "")
     if opcode == "dot" and "lhs_batch_dims" in line:
       opcode = "batched-dot"  # Attention's scores and weighted values (batch and heads).
+    instructions[name] = (shape, opcode, calls.group(1) if calls else None,
+                          op_name.group(1) if op_name else "")
     computations[current].append((opcode, shape, op_name.group(1) if op_name else ""))
   return instructions, computations
 
@@ -73,10 +74,14 @@ def kind_of(name: str, instructions: dict, computations: dict, vocab_size: int) 
   names = " ".join([op_name, *(n for _, _, n in inner)]).lower()
   shapes = " ".join([shape, *(s for _, s, _ in inner)])
   vocab = re.search(rf"[\[,]{vocab_size}[\],]", shapes) is not None
+  # A product outside a fusion is one XLA:CPU left to Eigen rather than to YNNPACK's fusions, which
+  # ran the same product 2x to 3x faster on one core of a Zen 3 (layers.weight_gradient).
+  eigen = ", left to Eigen" if opcode in ("dot", "batched-dot") else ""
   if "batched-dot" in opcodes:
-    return "matrix products, attention (scores, values)"
+    return "matrix products, attention (scores, values)" + eigen
   if opcodes & {"dot", "convolution"}:
-    return "matrix products, vocabulary (pre-softmax projection)" if vocab else "matrix products, other"
+    return ("matrix products, vocabulary (pre-softmax projection)" if vocab
+            else "matrix products, other") + eigen
   if "dropout" in names or "random_bits" in names or "threefry" in names:
     return "dropout (random bits, masks)"
   if _TOP_LEVEL.match(op_name):  # Outside the differentiated model: optax's update, grad norm.
@@ -136,9 +141,10 @@ def main():
   print(f"jax {jax.__version__}; {args.size} {rows}x{length}, float32; {args.steps} traced steps: "
         f"{wall * 1e3:.0f} ms a step under the profiler, {total:.0f} ms of op time a step "
         f"({len(per_op)} ops; two threads, so op time can exceed wall time)\n")
-  print(f"{'kind':<52}{'ms/step':>9}{'share':>8}")
+  width = max(len(kind) for kind in per_kind) + 2
+  print(f"{'kind':<{width}}{'ms/step':>9}{'share':>8}")
   for kind, ms in per_kind.most_common():
-    print(f"{kind:<52}{ms:>9.1f}{ms / total:>8.1%}")
+    print(f"{kind:<{width}}{ms:>9.1f}{ms / total:>8.1%}")
   print(f"\nlargest {args.top} ops:")
   for op, ms in per_op.most_common(args.top):
     shape, opcode, _, op_name = instructions.get(op, ("", "?", None, ""))

@@ -130,7 +130,8 @@ def weight_gradient(x: Array, g: Array) -> Array:
 def dense_product(x: Array, w: Array) -> Array:
   """[..., P] x [P, Q] -> [..., Q], whose backward computes the weight gradient with
   `weight_gradient`: the feed-forward layers' product (`FeedForward`, through `dense_dot_general`).
-  The small train step is 1.06x to 1.07x faster on an AMD Zen 3 (BENCHMARKS.md, "Train step")."""
+  The small train step is 1.06x to 1.16x faster on an AMD Zen 3, base 1.03x to 1.04x
+  (BENCHMARKS.md, "Train step")."""
   return jnp.einsum("...p,pq->...q", x, w)
 
 
