@@ -37,9 +37,10 @@ import jax  # noqa: E402
 from bench.train_step import step_inputs  # noqa: E402
 from transformer_jax.cpu import cpu_description  # noqa: E402
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (\S+) (\w[\w-]*)\(")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (\([^()]*\)|\S+) (\w[\w-]*)\(")  # Tuple shapes too.
 _CALLS = re.compile(r"calls=%?([\w.-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CONTAINERS = ("while", "conditional", "call")  # E.g. the loss's loop over slices of the targets.
 _TOP_LEVEL = re.compile(r"^jit\([\w]+\)/[a-z_]+$")  # e.g. "jit(train_step)/mul": no model scope.
 
 
@@ -131,6 +132,8 @@ def main():
   for event in events:
     op = event.get("args", {}).get("hlo_op")
     if op and event.get("args", {}).get("hlo_module") == "jit_train_step" and "dur" in event:
+      if instructions.get(op, ("", ""))[1] in _CONTAINERS:
+        continue  # Its body's ops are timed (and counted) on their own.
       per_op[op] += event["dur"] / 1e3 / args.steps  # ms per step
   per_kind = collections.Counter()
   for op, ms in per_op.items():
