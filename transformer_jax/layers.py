@@ -75,37 +75,6 @@ class SharedEmbedding(nn.Module):
     return jnp.asarray(self.embedding).astype(self.config.compute_dtype)
 
 
-@jax.custom_vjp
-def project_to_vocabulary(x: Array, w: Array) -> Array:
-  """[B, L, D] x [V, D] -> [B, L, V] float32 logits: x w^T.
-
-  Autodiff's backward would compute the weight gradient as g^T x with the [B, L, V] logit gradient
-  g as the left operand, and XLA on a CPU then writes g out transposed first: a copy of the largest
-  array of the step (V x B x L floats, 131 MB for the quick start). Written as (x^T g)^T, the same
-  product leads XLA to transpose x instead (D x B x L floats, 4 MB): the quick start's step is
-  1.08x faster on an AMD Zen 4 (BENCHMARKS.md, "Train step"). The gradients are the same products,
-  with g rounded to the compute dtype as in any mixed-precision backward.
-  """
-  return jnp.einsum("BLD,VD->BLV", x, w, preferred_element_type=jnp.float32)
-
-
-def _project_forward(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
-  return project_to_vocabulary(x, w), (x, w)
-
-
-def _project_backward(saved: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-  x, w = saved
-  g = g.astype(x.dtype)
-  # Products in the compute dtype (accumulated in float32 by the backends): XLA:CPU folds the
-  # transpose into the product, and has no such product of bfloat16 operands with a float32 result.
-  dx = jnp.einsum("BLV,VD->BLD", g, w)
-  dw_t = jnp.einsum("BLD,BLV->DV", x, g)
-  return dx, dw_t.T.astype(w.dtype)
-
-
-project_to_vocabulary.defvjp(_project_forward, _project_backward)
-
-
 def weight_gradient(x: Array, g: Array) -> Array:
   """x^T g for x [M, P] and g [M, Q]: a dense layer's weight gradient, [P, Q].
 
@@ -124,6 +93,38 @@ def weight_gradient(x: Array, g: Array) -> Array:
     return lax.optimization_barrier(lax.optimization_barrier(g.T) @ x).T
 
   return lax.platform_dependent(x, g, cpu=on_cpu, default=lambda x, g: x.T @ g)
+
+
+@jax.custom_vjp
+def project_to_vocabulary(x: Array, w: Array) -> Array:
+  """[B, L, D] x [V, D] -> [B, L, V] float32 logits: x w^T.
+
+  Autodiff's backward would compute the weight gradient as g^T x with the [B, L, V] logit gradient
+  g as the left operand, and XLA on a CPU then writes g out transposed first: a copy of the largest
+  array of the step (V x B x L floats, 131 MB for the quick start). Written as (x^T g)^T, the same
+  product leads XLA to transpose x instead (D x B x L floats, 4 MB): the quick start's step is
+  1.08x faster on an AMD Zen 4 (BENCHMARKS.md, "Train step"). The weight gradient is
+  `weight_gradient`'s, as for the feed-forward layers. The gradients are the same products, with g
+  rounded to the compute dtype as in any mixed-precision backward.
+  """
+  return jnp.einsum("BLD,VD->BLV", x, w, preferred_element_type=jnp.float32)
+
+
+def _project_forward(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
+  return project_to_vocabulary(x, w), (x, w)
+
+
+def _project_backward(saved: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+  x, w = saved
+  g = g.astype(x.dtype)
+  # Products in the compute dtype (accumulated in float32 by the backends): XLA:CPU folds the
+  # transpose into the product, and has no such product of bfloat16 operands with a float32 result.
+  dx = jnp.einsum("BLV,VD->BLD", g, w)
+  dw_t = weight_gradient(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))  # [D, V]
+  return dx, dw_t.T.astype(w.dtype)
+
+
+project_to_vocabulary.defvjp(_project_forward, _project_backward)
 
 
 @jax.custom_vjp
