@@ -79,7 +79,8 @@ def hugging_face(model, params, beam: int, max_len: int, threads: int):
   import transformers
   from transformer_jax import marian
   torch.set_num_threads(threads)
-  peer = marian.marian_model(jax.device_get(params), model.config, max_positions=max_len + 8)
+  device = "cuda" if jax.default_backend() == "gpu" else "cpu"  # Where ours runs (no TPU build).
+  peer = marian.marian_model(jax.device_get(params), model.config, max_positions=max_len + 8).to(device)
   generation = transformers.GenerationConfig(
       decoder_start_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, num_beams=beam,
       do_sample=False, length_penalty=0.0, early_stopping=False, max_new_tokens=max_len)
@@ -87,12 +88,12 @@ def hugging_face(model, params, beam: int, max_len: int, threads: int):
   @torch.no_grad()
   def run(params, src):
     del params
-    input_ids = torch.from_numpy(np.asarray(src)).long()
+    input_ids = torch.from_numpy(np.asarray(src)).long().to(device)
     lengths = (input_ids != PAD_ID).sum(1)
     if len(input_ids) == 1:  # One sentence: no padding at all, as a user would call it.
       input_ids = input_ids[:, :int(lengths[0])]
     out = peer.generate(input_ids=input_ids, attention_mask=(input_ids != PAD_ID).long(),
-                        generation_config=generation).numpy()[:, 1:]  # Drop the start token.
+                        generation_config=generation).cpu().numpy()[:, 1:]  # Drop the start token.
     tokens = np.full((len(out), max_len), PAD_ID, np.int32)
     tokens[:, :out.shape[1]] = out[:, :max_len]
     return tokens

@@ -1,35 +1,44 @@
 #!/usr/bin/env bash
 # The GPU check: the figures BENCHMARKS.md wants from an NVIDIA GPU, in under 8 minutes.
 #
-#   pip install -e ".[test]" "jax[cuda12]"      # on the GPU machine, with the jax of pyproject.toml
+#   pip install -e ".[test,hf]" "jax[cuda12]"    # on the GPU machine, with the jax of pyproject.toml
 #   bash bench/gpu_check.sh [OUT_DIR]            # default OUT_DIR: $OUT, else gpu_check/
 #
-# Writes one text file per part to OUT_DIR (and prints them):
+# Writes one text file per part to OUT_DIR (and prints them), the most wanted first:
 #   devices.txt          the devices jax sees, nvidia-smi
-#   train_step.txt       base and big, bfloat16, 200 x 128 tokens a side: step time, tokens/s, MFU
-#                        against the GPU's bfloat16 peak (transformer_jax.flops), and the hours the
-#                        paper's base schedule (100K steps of ~25K target tokens) would take
-#   train_step_<impl>.txt  base with attention_impl dot_product (XLA's choice) and cudnn
+#   train_step_base.txt, train_step_big.txt
+#                        bfloat16, 200 x 128 tokens a side (about the paper's 25,000 target tokens
+#                        a batch): step time, tokens/s and MFU against the GPU's bfloat16 peak
+#                        (transformer_jax.flops), the hours the paper's base schedule (100K steps)
+#                        would take, beside the PyTorch peer on the same GPU (bench/torch_peer.py:
+#                        eager, autocast bfloat16, fused Adam, in its own process) from our weights
+#   train_step_cudnn.txt, train_step_dot_product.txt
+#                        base with attention_impl cudnn and dot_product (XLA's choice), ours only
 #   attention.txt, attention.png  one attention layer against length: einsum, dot_product, cudnn
-#   decode.txt           decoding sentences/s, greedy and beam 4, the small config's random weights
+#   decode.txt           decoding sentences/s, greedy and beam 4, the small config's random weights,
+#                        against Hugging Face generate on the same GPU and weights
 # Every part has its own time limit and the script goes on past a failed one (its file says why).
-# GPU_CHECK_SMOKE=1 runs the same commands at tiny sizes on any backend (the tests do, on a CPU).
+# Both libraries share the GPU, so jax takes XLA_PYTHON_CLIENT_MEM_FRACTION (default here 0.45) of
+# its memory instead of 0.75. GPU_CHECK_SMOKE=1 runs the same commands at tiny sizes on any backend
+# (the tests do, on a CPU).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-${OUT:-gpu_check}}
 PY=${PYTHON:-python}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
 mkdir -p "$OUT_DIR"
 
 if [ "${GPU_CHECK_SMOKE:-0}" = "1" ]; then
-  SIZES=small BATCH=2x16 ROUNDS=1 LENGTHS=16,32 SENTENCES=4 LIMIT=240
+  BATCH=2x16 ROUNDS=1 STEPS=1 LENGTHS=16,32 SENTENCES=4 SINGLE=2 SCALE=0 BIG=small
 else
-  SIZES=base,big BATCH=200x128 ROUNDS=3 LENGTHS=128,512,2048,8192 SENTENCES=256 LIMIT=150
+  BATCH=200x128 ROUNDS=5 STEPS=10 LENGTHS=128,512,2048,8192 SENTENCES=256 SINGLE=4 SCALE=1 BIG=big
 fi
 
-part() {  # part NAME COMMAND...: run with a time limit, keep its output.
-  local name=$1; shift
-  echo "== $name: $*" | tee "$OUT_DIR/$name.txt"
-  timeout "$LIMIT" "$@" 2>&1 | tee -a "$OUT_DIR/$name.txt"
+part() {  # part NAME SECONDS COMMAND...: run with a time limit (240 s at tiny sizes), keep its output.
+  local name=$1 limit=$2; shift 2
+  [ "$SCALE" = 1 ] || limit=240
+  echo "== $name (limit ${limit} s): $*" | tee "$OUT_DIR/$name.txt"
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT_DIR/$name.txt"
   local status=${PIPESTATUS[0]}
   [ "$status" = 0 ] || echo "== $name: exit status $status" | tee -a "$OUT_DIR/$name.txt"
 }
@@ -37,17 +46,17 @@ part() {  # part NAME COMMAND...: run with a time limit, keep its output.
 { $PY -c "import jax; print(jax.__version__, jax.devices())"; nvidia-smi 2>/dev/null || echo "no nvidia-smi"; } \
   2>&1 | tee "$OUT_DIR/devices.txt"
 PLATFORM=$($PY -c "import jax; print(jax.default_backend())" 2>/dev/null)
+TORCH=""  # The PyTorch peers where torch is installed (on a CPU too, at tiny sizes).
+$PY -c "import torch, transformers" 2>/dev/null || TORCH="--no_torch"
 
-part train_step $PY bench/train_step.py --sizes "$SIZES" --dtype bfloat16 --batch "$BATCH" --no_torch --rounds "$ROUNDS"
-IMPLS="dot_product"
-[ "$PLATFORM" = gpu ] && IMPLS="dot_product cudnn"
-for impl in $IMPLS; do
-  part "train_step_$impl" $PY bench/train_step.py --sizes "${SIZES%%,*}" --dtype bfloat16 --batch "$BATCH" \
-    --no_torch --rounds "$ROUNDS" --attention_impl "$impl"
-done
+STEP="$PY bench/train_step.py --dtype bfloat16 --batch $BATCH --rounds $ROUNDS --steps $STEPS"
+part train_step_base 120 $STEP --sizes "${BIG/big/base}" $TORCH
+part train_step_big 120 $STEP --sizes "$BIG" $TORCH
+[ "$PLATFORM" = gpu ] && part train_step_cudnn 80 $STEP --sizes "${BIG/big/base}" --no_torch --attention_impl cudnn
 ATTENTION_IMPLS=einsum,dot_product
 [ "$PLATFORM" = gpu ] && ATTENTION_IMPLS=einsum,dot_product,cudnn
-part attention $PY bench/attention.py --impls "$ATTENTION_IMPLS" --dtype bfloat16 --lengths "$LENGTHS" \
-  --rounds "$ROUNDS" --plot "$OUT_DIR/attention.png"
-part decode $PY bench/decode.py --no_hf --sentences "$SENTENCES" --rounds "$ROUNDS"
+part attention 80 $PY bench/attention.py --impls "$ATTENTION_IMPLS" --dtype bfloat16 --lengths "$LENGTHS" \
+  --rounds 3 --plot "$OUT_DIR/attention.png"
+part decode 120 $PY bench/decode.py --sentences "$SENTENCES" --single "$SINGLE" --rounds 3 ${TORCH:+--no_hf}
+part train_step_dot_product 80 $STEP --sizes "${BIG/big/base}" --no_torch --attention_impl dot_product
 echo "figures in $OUT_DIR/"

@@ -19,23 +19,31 @@ def _serve(conn, spec: dict) -> None:
   from bench.torch_peer import TorchTransformer, adam_trainer, load_flax_params, max_logit_difference
 
   torch.set_num_threads(spec["threads"])
-  if spec["keep_heap"]:
+  device = torch.device(spec.get("device", "cpu"))
+  if spec["keep_heap"] and device.type == "cpu":
     from transformer_jax.cpu import keep_heap
     keep_heap()  # What our process gets too (bench/train_step.py --default_memory leaves it out).
-  model = TorchTransformer.like(spec["config"], spec["max_len"], stock=spec["stock"]).train()
+  model = TorchTransformer.like(spec["config"], spec["max_len"], stock=spec["stock"]).to(device).train()
   load_flax_params(model, spec["params"])
-  difference = max_logit_difference(model, spec["ours_logits"], spec["src"], spec["tgt"])
-  step = adam_trainer(model, spec["warmup_steps"])
-  src, tgt = (torch.from_numpy(spec[k]).long() for k in ("src", "tgt"))
+  dtype = spec.get("dtype", "float32")
+  difference = max_logit_difference(model, spec["ours_logits"], spec["src"], spec["tgt"], dtype)
+  step = adam_trainer(model, spec["warmup_steps"], dtype=dtype)
+  src, tgt = (torch.from_numpy(spec[k]).long().to(device) for k in ("src", "tgt"))
+  # A GPU runs asynchronously: a step's time counts once its kernels have finished.
+  synchronize = torch.cuda.synchronize if device.type == "cuda" else lambda: None
   del spec
-  step(src, tgt)  # Allocator and thread-pool warm-up.
+  for _ in range(3 if device.type == "cuda" else 1):  # Allocator, thread pools, cuBLAS's choices.
+    step(src, tgt)
+  synchronize()
   conn.send((difference, sum(p.numel() for p in model.parameters())))
   while True:
     command, arg = conn.recv()
     if command == "steps":
+      synchronize()
       t0 = time.perf_counter()
       for _ in range(arg):
         step(src, tgt)
+      synchronize()
       conn.send((time.perf_counter() - t0) / arg)
     elif command == "matmul_peak":
       best = 0.0
@@ -58,7 +66,8 @@ class PeerProcess:
 
   `spec`: config (a TransformerConfig), max_len, stock, params (our tree as numpy), src and tgt
   ([B, L] int32), ours_logits (our teacher-forced logits on them, for the equality check),
-  warmup_steps, threads and keep_heap. `difference` and `num_params` describe the peer built.
+  warmup_steps, threads, keep_heap, and optionally device ("cpu" or "cuda"; default "cpu") and
+  dtype ("float32" or "bfloat16", PyTorch's autocast; default "float32"). `difference` and `num_params` describe the peer built.
   """
 
   def __init__(self, spec: dict):

@@ -76,7 +76,8 @@ class TorchTransformer(torch.nn.Module):
   def decode(self, memory: torch.Tensor, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
     """Decoder inputs [B, T] (BOS first) -> [B, T, V] logits; no cache, as nn.Transformer has none."""
     length = tgt_in.shape[1]
-    causal = torch.nn.Transformer.generate_square_subsequent_mask(length, dtype=torch.bool)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(
+        length, device=tgt_in.device, dtype=torch.bool)
     y = self.transformer.decoder(self.embed(tgt_in), memory, tgt_mask=causal, tgt_is_causal=True,
                                  memory_key_padding_mask=src == PAD_ID)
     return y @ self.embedding.T
@@ -84,7 +85,8 @@ class TorchTransformer(torch.nn.Module):
   def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """Teacher-forced pass: [B, S] and [B, T] tokens -> [B, T, V] logits (tgt shifted right)."""
     tgt_in = F.pad(tgt, (1, 0), value=BOS_ID)[:, :-1]
-    causal = torch.nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], dtype=torch.bool)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(
+        tgt.shape[1], device=tgt.device, dtype=torch.bool)
     y = self.transformer(
         self.embed(src), self.embed(tgt_in), tgt_mask=causal, tgt_is_causal=True,
         src_key_padding_mask=src == PAD_ID, tgt_key_padding_mask=tgt == PAD_ID,
@@ -131,13 +133,29 @@ def load_flax_params(model: TorchTransformer, params) -> None:
       norm(layer.norm3, p["feed_forward_norm"])
 
 
+def autocast(model: TorchTransformer, dtype: str = "float32"):
+  """The context a user would run the peer's forward pass in: for "bfloat16", PyTorch's automatic
+  mixed precision (bfloat16 products, float32 parameters, softmax, norms and loss), as our
+  `model.dtype=bfloat16` computes; for "float32", nothing."""
+  device = next(model.parameters()).device.type
+  return torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
 def max_logit_difference(model: TorchTransformer, ours_logits: np.ndarray, src: np.ndarray,
-                         tgt: np.ndarray) -> float:
+                         tgt: np.ndarray, dtype: str = "float32") -> float:
   """The largest |ours - peer| over the real target positions of a teacher-forced pass."""
   was_training = model.training
   model.eval()
-  with torch.no_grad():
-    theirs = model(torch.from_numpy(src).long(), torch.from_numpy(tgt).long()).numpy()
+  device = next(model.parameters()).device
+  # nn.Transformer's inference fast path ignores autocast on a CPU (and fails on its bfloat16).
+  fast_path = torch.backends.mha.get_fastpath_enabled()
+  torch.backends.mha.set_fastpath_enabled(dtype == "float32")
+  try:
+    with torch.no_grad(), autocast(model, dtype):
+      theirs = model(torch.from_numpy(src).long().to(device), torch.from_numpy(tgt).long().to(device))
+  finally:
+    torch.backends.mha.set_fastpath_enabled(fast_path)
+  theirs = theirs.float().cpu().numpy()
   model.train(was_training)
   real = tgt != PAD_ID
   return float(np.max(np.abs(np.asarray(ours_logits) - theirs)[real]))
@@ -164,18 +182,22 @@ def greedy_decode(model: TorchTransformer, src: torch.Tensor, max_len: int) -> t
   return torch.stack(out, dim=1)
 
 
-def adam_trainer(model: TorchTransformer, warmup_steps: int, label_smoothing: float = 0.1):
+def adam_trainer(model: TorchTransformer, warmup_steps: int, label_smoothing: float = 0.1,
+                 dtype: str = "float32"):
   """A training step like ours: label-smoothed cross-entropy over real tokens, Adam (0.9, 0.98,
-  1e-9) with the paper's schedule. Returns `step(src, tgt) -> loss`."""
-  opt = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9)
+  1e-9) with the paper's schedule, the forward pass under `autocast(model, dtype)`. On a GPU Adam
+  is PyTorch's fused kernel (its fastest). Returns `step(src, tgt) -> loss`."""
+  fused = next(model.parameters()).device.type == "cuda"
+  opt = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9, fused=fused)
   d = model.d_model
   schedule = torch.optim.lr_scheduler.LambdaLR(
       opt, lambda step: d**-0.5 * min((step + 1) ** -0.5, (step + 1) * warmup_steps**-1.5))
 
   def step(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    logits = model(src, tgt)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                           ignore_index=PAD_ID, label_smoothing=label_smoothing)
+    with autocast(model, dtype):  # Autocast runs cross-entropy in float32.
+      logits = model(src, tgt)
+      loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                             ignore_index=PAD_ID, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -1,7 +1,7 @@
 """Train-step throughput and MFU against PyTorch eager, and on an accelerator against its peak.
 
   python bench/train_step.py [--sizes small,base] [--rounds 5]          # CPU, float32, vs PyTorch
-  python bench/train_step.py --sizes base,big --dtype bfloat16 --batch 200x128 --no_torch  # GPU/TPU
+  python bench/train_step.py --sizes base,big --dtype bfloat16 --batch 200x128 --steps 10  # GPU/TPU
 
 Times our jitted train step (`steps.make_setup(config).train_step`) on a fixed batch of random
 tokens and prints medians: step time, target tokens/s, model FLOPs utilisation (MFU), and the time
@@ -12,7 +12,7 @@ peak: on a CPU the machine's float32 matmul peak, measured here as the best of `
 PyTorch's after them), the highest figure seen (so that noise can only lower the MFU); on a GPU or
 TPU the vendor figure for the dtype (`flops.PEAK_FLOPS`).
 
-On a CPU the step runs beside an equivalent PyTorch model (bench/torch_peer.py, our model rebuilt
+On a CPU or an NVIDIA GPU the step runs beside an equivalent PyTorch model (bench/torch_peer.py, our model rebuilt
 from `torch.nn.Transformer`: post-LN, shared scaled embeddings, sinusoidal positions, dropout 0.1
 where ours has it, label-smoothed (0.1) cross-entropy ignoring padding, Adam (0.9, 0.98, 1e-9) with
 the paper's schedule), in a process of its own (bench/peer_process.py: in one process the two
@@ -21,6 +21,10 @@ so that machine noise hits both alike, and the script prints the ratio. The peer
 initial parameters; the script prints the largest logit difference between the two models on the benchmark batch (float32 rounding) so
 that the comparison is known to be between equal models. `--torch_stock` keeps what stock
 `nn.Transformer` has and ours does not (attention and feed-forward dropout, final stack norms).
+On a GPU the peer is what a PyTorch user trains with there: eager CUDA, autocast bfloat16 when
+`--dtype bfloat16` (float32 parameters, loss and optimizer, as ours), fused Adam; on a CPU it
+computes in float32 unless `--torch_dtype bfloat16` (its CPU autocast is far slower). No peer on
+a TPU.
 """
 
 import argparse
@@ -81,7 +85,7 @@ def make_peer(cfg, config, setup, batch, src, tgt, args) -> PeerProcess:
       config=cfg, max_len=max(cfg.max_len, src.shape[1]), stock=args.torch_stock,
       params=jax.device_get(init_params), src=src, tgt=tgt, ours_logits=jax.device_get(ours_logits),
       warmup_steps=config.train.warmup_steps, threads=args.threads,
-      keep_heap=not args.default_memory))
+      keep_heap=not args.default_memory, device=args.torch_device, dtype=args.torch_dtype))
   n_ours = sum(x.size for x in jax.tree.leaves(init_params))
   if peer.num_params != n_ours:
     print(f"warning: the PyTorch peer has {peer.num_params:,} parameters, ours {n_ours:,}")
@@ -161,6 +165,9 @@ def main():
   parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
   parser.add_argument("--torch_stock", action="store_true",
                       help="keep nn.Transformer's attention/feed-forward dropout and final norms")
+  parser.add_argument("--torch_dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                      help="the peer's compute dtype (bfloat16: autocast); auto: --dtype on a GPU, "
+                           "float32 on a CPU (its bfloat16 autocast ran 19x slower on a Zen 3)")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's threads")
   parser.add_argument("--default_memory", action="store_true",
                       help="skip cpu.keep_cpu_step_memory() (which train.py calls)")
@@ -169,7 +176,11 @@ def main():
   if not args.default_memory:
     cpu.keep_cpu_step_memory()  # As train.py does (the PyTorch peer's process gets keep_heap).
   on_cpu = jax.default_backend() == "cpu"
-  args.no_torch = args.no_torch or not on_cpu  # The peer is the CPU build of PyTorch.
+  # The peer runs where ours does: PyTorch's CPU build on a CPU, CUDA on an NVIDIA GPU; none on a TPU.
+  args.torch_device = {"cpu": "cpu", "gpu": "cuda"}.get(jax.default_backend())
+  args.no_torch = args.no_torch or args.torch_device is None
+  if args.torch_dtype == "auto":
+    args.torch_dtype = args.dtype if args.torch_device == "cuda" else "float32"
 
   # The peak: on a CPU the best of both libraries, measured before and after the runs (the clock
   # moves with the load of the machine's other tenants); elsewhere the vendor's figure.
@@ -194,7 +205,9 @@ def main():
   versions = f"jax {jax.__version__} ({jax.device_count()} {jax.devices()[0].device_kind})"
   if not args.no_torch:
     from importlib.metadata import version
-    versions += f", torch {version('torch')} ({args.threads} threads, its own process)"
+    where = f"{args.threads} threads" if on_cpu else "CUDA, fused Adam"
+    autocast = ", autocast bfloat16" if args.torch_dtype == "bfloat16" else ", float32"
+    versions += f", torch {version('torch')} ({where}{autocast}, its own process)"
   print(f"\nCPU: {cpu_description()}")
   chunks = args.loss_chunks or "the config's"
   print(f"{versions}, {args.dtype}, attention_impl={args.attention_impl}, loss_chunks={chunks}, "

@@ -2,6 +2,7 @@
 checked: they live in BENCHMARKS.md). The PyTorch and Hugging Face peers run where torch and
 transformers are installed (the README's test command installs them) and are skipped elsewhere."""
 
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -114,7 +115,7 @@ def test_decode_benchmark_times_ours_and_hugging_face_on_the_same_weights():
   assert "beam 2: translations identical to HF generate's: 2/2" in out
 
 
-@pytest.mark.slow  # About two minutes: every part of the GPU check, on the CPU.
+@pytest.mark.slow  # About three minutes: every part of the GPU check, on the CPU.
 def test_the_gpu_check_runs_every_part_at_tiny_sizes(tmp_path):
   # On a CPU the cudnn parts are left out; on a GPU the same commands run at full size.
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable}
@@ -123,11 +124,13 @@ def test_the_gpu_check_runs_every_part_at_tiny_sizes(tmp_path):
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   parts = {p.name: p.read_text() for p in tmp_path.glob("*.txt")}
-  assert set(parts) == {"devices.txt", "train_step.txt", "train_step_dot_product.txt", "attention.txt",
-                        "decode.txt"}
+  assert set(parts) == {"devices.txt", "train_step_base.txt", "train_step_big.txt",
+                        "train_step_dot_product.txt", "attention.txt", "decode.txt"}
   failed = [name for name, text in parts.items() if "exit status" in text]
   assert not failed, {name: parts[name][-2000:] for name in failed}
-  assert "paper schedule" in parts["train_step.txt"] and (tmp_path / "attention.png").exists()
+  assert "paper schedule" in parts["train_step_base.txt"] and (tmp_path / "attention.png").exists()
+  if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):  # The peers too.
+    assert "ours/torch" in parts["train_step_base.txt"] and "HF generate" in parts["decode.txt"]
 
 
 def test_the_data_scale_benchmark_prepares_tokenizes_and_measures_memory(tmp_path):
