@@ -80,7 +80,8 @@ def time_ours(setup, state, batch, key, steps: int):
 def make_peer(cfg, config, setup, batch, src, tgt, args) -> PeerProcess:
   """The PyTorch peer, in its own process, from our initial parameters."""
   init_params = setup.init_state(0).params
-  ours_logits = setup.model.apply({"params": init_params}, batch["src"], batch["tgt"])
+  # Jitted: op by op, a GPU compiles each of the model's ops alone before it runs it.
+  ours_logits = jax.jit(setup.model.apply)({"params": init_params}, batch["src"], batch["tgt"])
   peer = PeerProcess(dict(
       config=cfg, max_len=max(cfg.max_len, src.shape[1]), stock=args.torch_stock,
       params=jax.device_get(init_params), src=src, tgt=tgt, ours_logits=jax.device_get(ours_logits),

@@ -169,7 +169,8 @@ class MultiHeadAttention(nn.Module):
     else:
       if heads_major:
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-      # "dot_product" lets XLA choose (cuDNN's fused kernel where it applies); "cudnn" insists.
+      # "dot_product" leaves the kernel to jax (on an H200 with jax 0.11.2 it chose XLA's own, not
+      # cuDNN's: BENCHMARKS.md); "cudnn" asks for cuDNN's fused kernel.
       implementation = "cudnn" if cfg.attention_impl == "cudnn" else None
       out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
     if copies > 1:

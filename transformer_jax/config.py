@@ -44,8 +44,8 @@ class TransformerConfig:
     norm_position: "post", LayerNorm(x + Dropout(Sublayer(x))) as in the paper, or "pre",
       x + Dropout(Sublayer(LayerNorm(x))) with a final LayerNorm on each stack.
     attention_impl: "einsum" (plain, returns attention weights for inspection), "dot_product"
-      (`jax.nn.dot_product_attention`, XLA's choice of kernel) or "cudnn" (the same, asking for
-      cuDNN's fused attention explicitly: NVIDIA GPUs only, bfloat16).
+      (`jax.nn.dot_product_attention`, jax's choice of kernel) or "cudnn" (the same, asking for
+      cuDNN's fused attention explicitly: NVIDIA GPUs only, bfloat16; the faster on a GPU).
     dtype: compute dtype of activations and matmuls ("float32" or "bfloat16"). Logits, softmax
       and loss stay in float32 whatever this is.
     param_dtype: storage dtype of the parameters.
