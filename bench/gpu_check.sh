@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: the figures BENCHMARKS.md wants from an NVIDIA GPU, in about 9 minutes (an H200:
+# The GPU check: the figures BENCHMARKS.md wants from an NVIDIA GPU, in about 10 minutes (an H200:
 # 2 minutes for each train step beside its PyTorch peer, about 1 for each other part).
 #
 #   pip install -e ".[test,hf]" "jax[cuda12]"    # on the GPU machine (ran with jax 0.11.2 and
@@ -14,6 +14,9 @@
 #                        (transformer_jax.flops), the hours the paper's base schedule (100K steps)
 #                        would take, beside the PyTorch peer on the same GPU (bench/torch_peer.py:
 #                        eager, autocast bfloat16, fused Adam, in its own process) from our weights
+#   profile.txt, base_bfloat16.trace.json.gz
+#                        where base's step time goes, by kind of kernel (bench/profile_step.py), and
+#                        the raw trace
 #   train_step_cudnn.txt, train_step_dot_product.txt
 #                        base with attention_impl cudnn and dot_product (XLA's choice), ours only
 #   attention.txt, attention.png  one attention layer against length: einsum, dot_product, cudnn
@@ -54,6 +57,8 @@ $PY -c "import torch, transformers" 2>/dev/null || TORCH="--no_torch"
 STEP="$PY bench/train_step.py --dtype bfloat16 --batch $BATCH --rounds $ROUNDS --steps $STEPS"
 part train_step_base 170 $STEP --sizes "${BIG/big/base}" $TORCH
 part train_step_big 170 $STEP --sizes "$BIG" $TORCH
+part profile 100 $PY bench/profile_step.py --size "${BIG/big/base}" --batch "$BATCH" --dtype bfloat16 --steps 3 \
+  --keep_trace "$OUT_DIR"
 [ "$PLATFORM" = gpu ] && part train_step_cudnn 80 $STEP --sizes "${BIG/big/base}" --no_torch --attention_impl cudnn
 ATTENTION_IMPLS=einsum,dot_product
 [ "$PLATFORM" = gpu ] && ATTENTION_IMPLS=einsum,dot_product,cudnn

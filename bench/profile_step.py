@@ -2,6 +2,7 @@
 
   python bench/profile_step.py --size small          # 32 x 128, configs/small.py
   python bench/profile_step.py --size base --steps 2  # 8 x 128
+  python bench/profile_step.py --size base --batch 200x128 --dtype bfloat16 --keep_trace DIR  # GPU
 
 Runs the train step of bench/train_step.py (same batch, same settings) a few times under
 `jax.profiler`, sums the time of each compiled op (XLA:CPU's thunks, named after the HLO
@@ -14,6 +15,11 @@ and masks, the Adam update, vocabulary-sized elementwise work (softmax, loss and
 layer norms, layout copies and other elementwise work. Ops run on two threads and overlap, so the
 shares are of the summed op time, and the step's wall time is printed beside it. The largest ops
 are listed with their JAX source (`op_name`) so that a kind can be checked by eye.
+
+On a GPU the same table counts the kernels on the device's streams (a product is a cuBLAS call or
+a fusion around a `dot`, attention's fused kernel a cuDNN call); written before a GPU was at hand
+to try it, so the script also prints how many traced events it read per process of the trace,
+and `--keep_trace DIR` keeps the raw trace (Perfetto or TensorBoard read it) for a second look.
 """
 
 import argparse
@@ -23,6 +29,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -39,6 +46,7 @@ from transformer_jax.cpu import cpu_description  # noqa: E402
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (\([^()]*\)|\S+) (\w[\w-]*)\(")  # Tuple shapes too.
 _CALLS = re.compile(r"calls=%?([\w.-]+)")
+_TARGET = re.compile(r'custom_call_target="([^"]*)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CONTAINERS = ("while", "conditional", "call")  # E.g. the loss's loop over slices of the targets.
 _TOP_LEVEL = re.compile(r"^jit\([\w]+\)/[a-z_]+$")  # e.g. "jit(train_step)/mul": no model scope.
@@ -61,6 +69,12 @@ def hlo_instructions(hlo_text: str) -> tuple[dict, dict]:
     op_name = _OP_NAME.search(line)
     if opcode == "dot" and "lhs_batch_dims" in line:
       opcode = "batched-dot"  # Attention's scores and weighted values (batch and heads).
+    target = _TARGET.search(line)
+    if opcode == "custom-call" and target:  # A GPU's library calls.
+      if "fmha" in target.group(1).lower():
+        opcode = "batched-dot"  # cuDNN's fused attention.
+      elif re.search(r"gemm|matmul", target.group(1), re.IGNORECASE):
+        opcode = "library-dot"  # cuBLAS.
     instructions[name] = (shape, opcode, calls.group(1) if calls else None,
                           op_name.group(1) if op_name else "")
     computations[current].append((opcode, shape, op_name.group(1) if op_name else ""))
@@ -77,10 +91,10 @@ def kind_of(name: str, instructions: dict, computations: dict, vocab_size: int) 
   vocab = re.search(rf"[\[,]{vocab_size}[\],]", shapes) is not None
   # A product outside a fusion is one XLA:CPU left to Eigen rather than to YNNPACK's fusions, which
   # ran the same product 2x to 3x faster on one core of a Zen 3 (layers.weight_gradient).
-  eigen = ", left to Eigen" if opcode in ("dot", "batched-dot") else ""
+  eigen = ", left to Eigen" if opcode in ("dot", "batched-dot") and jax.default_backend() == "cpu" else ""
   if "batched-dot" in opcodes:
     return "matrix products, attention (scores, values)" + eigen
-  if opcodes & {"dot", "convolution"}:
+  if opcodes & {"dot", "convolution", "library-dot"}:
     return ("matrix products, vocabulary (pre-softmax projection)" if vocab
             else "matrix products, other") + eigen
   if "dropout" in names or "random_bits" in names or "threefry" in names:
@@ -104,11 +118,15 @@ def main():
   parser.add_argument("--batch", default="", help="ROWSxLENGTH per side (default: bench/train_step.py's)")
   parser.add_argument("--steps", type=int, default=3, help="traced steps (after 2 untraced)")
   parser.add_argument("--top", type=int, default=15, help="largest ops to list")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--attention_impl", default="einsum", choices=("einsum", "dot_product", "cudnn"))
+  parser.add_argument("--keep_trace", default="", help="a directory to copy the raw trace into")
   args = parser.parse_args()
   cpu.keep_cpu_step_memory()  # As train.py and bench/train_step.py do.
 
   batch_shape = tuple(map(int, args.batch.lower().split("x"))) if args.batch else None
-  config, setup, state, key, src, _, batch = step_inputs(args.size, batch_shape)
+  config, setup, state, key, src, _, batch = step_inputs(
+      args.size, batch_shape, dtype=args.dtype, attention_impl=args.attention_impl)
   rows, length = src.shape
   vocab_size = config.model.vocab_size
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
@@ -126,12 +144,23 @@ def main():
       jax.block_until_ready(state)
     wall = (time.perf_counter() - t0) / args.steps
     (trace_file,) = glob.glob(os.path.join(trace_dir, "plugins/profile/*/*.trace.json.gz"))
+    if args.keep_trace:
+      os.makedirs(args.keep_trace, exist_ok=True)
+      shutil.copy(trace_file, os.path.join(args.keep_trace, f"{args.size}_{args.dtype}.trace.json.gz"))
     events = json.load(gzip.open(trace_file))["traceEvents"]
 
+  # On a CPU the compiled ops run on the host's threads; on an accelerator count only the kernels
+  # on its streams (the host's events for the same ops are launches).
+  processes = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "process_name"}
+  on_host = jax.default_backend() == "cpu"
+  counted = lambda event: on_host or "/device:" in processes.get(event.get("pid"), "")
+  seen = collections.Counter(processes.get(e.get("pid"), "?") for e in events if e.get("args", {}).get("hlo_op"))
   per_op = collections.Counter()
   for event in events:
     op = event.get("args", {}).get("hlo_op")
-    if op and event.get("args", {}).get("hlo_module") == "jit_train_step" and "dur" in event:
+    if (op and event.get("args", {}).get("hlo_module") == "jit_train_step" and "dur" in event
+        and counted(event)):
       if instructions.get(op, ("", ""))[1] in _CONTAINERS:
         continue  # Its body's ops are timed (and counted) on their own.
       per_op[op] += event["dur"] / 1e3 / args.steps  # ms per step
@@ -141,9 +170,13 @@ def main():
   total = sum(per_op.values())
 
   print(f"CPU: {cpu_description()}")
-  print(f"jax {jax.__version__}; {args.size} {rows}x{length}, float32; {args.steps} traced steps: "
+  threads = "two threads, so op time can exceed wall time" if on_host else "on the device's streams"
+  print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}); {args.size} {rows}x{length}, "
+        f"{args.dtype}, attention_impl={args.attention_impl}; {args.steps} traced steps: "
         f"{wall * 1e3:.0f} ms a step under the profiler, {total:.0f} ms of op time a step "
-        f"({len(per_op)} ops; two threads, so op time can exceed wall time)\n")
+        f"({len(per_op)} ops; {threads})")
+  print("traced events naming an HLO op, by process: " +
+        ", ".join(f"{name or '?'} {n}" for name, n in seen.most_common()) + "\n")
   width = max(len(kind) for kind in per_kind) + 2
   print(f"{'kind':<{width}}{'ms/step':>9}{'share':>8}")
   for kind, ms in per_kind.most_common():

@@ -124,11 +124,12 @@ def test_the_gpu_check_runs_every_part_at_tiny_sizes(tmp_path):
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   parts = {p.name: p.read_text() for p in tmp_path.glob("*.txt")}
-  assert set(parts) == {"devices.txt", "train_step_base.txt", "train_step_big.txt",
+  assert set(parts) == {"devices.txt", "train_step_base.txt", "train_step_big.txt", "profile.txt",
                         "train_step_dot_product.txt", "attention.txt", "decode.txt"}
   failed = [name for name, text in parts.items() if "exit status" in text]
   assert not failed, {name: parts[name][-2000:] for name in failed}
   assert "paper schedule" in parts["train_step_base.txt"] and (tmp_path / "attention.png").exists()
+  assert "matrix products" in parts["profile.txt"] and (tmp_path / "small_bfloat16.trace.json.gz").exists()
   if importlib.util.find_spec("torch") and importlib.util.find_spec("transformers"):  # The peers too.
     assert "ours/torch" in parts["train_step_base.txt"] and "HF generate" in parts["decode.txt"]
 
