@@ -34,9 +34,9 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
 mkdir -p "$OUT_DIR"
 
 if [ "${GPU_CHECK_SMOKE:-0}" = "1" ]; then
-  BATCH=2x16 ROUNDS=1 STEPS=1 LENGTHS=16,32 SENTENCES=4 SINGLE=2 SCALE=0 BIG=small
+  BATCH=2x16 ROUNDS=1 STEPS=1 LENGTHS=16,32 SENTENCES=4 SINGLE=2 SCALE=0 BASE=small BIG=small
 else
-  BATCH=200x128 ROUNDS=5 STEPS=10 LENGTHS=128,512,2048,8192 SENTENCES=256 SINGLE=4 SCALE=1 BIG=big
+  BATCH=200x128 ROUNDS=5 STEPS=10 LENGTHS=128,512,2048,8192 SENTENCES=256 SINGLE=4 SCALE=1 BASE=base BIG=big
 fi
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit (240 s at tiny sizes), keep its output.
@@ -55,15 +55,15 @@ TORCH=""  # The PyTorch peers where torch is installed (on a CPU too, at tiny si
 $PY -c "import torch, transformers" 2>/dev/null || TORCH="--no_torch"
 
 STEP="$PY bench/train_step.py --dtype bfloat16 --batch $BATCH --rounds $ROUNDS --steps $STEPS"
-part train_step_base 170 $STEP --sizes "${BIG/big/base}" $TORCH
+part train_step_base 170 $STEP --sizes "$BASE" $TORCH
 part train_step_big 170 $STEP --sizes "$BIG" $TORCH
-part profile 100 $PY bench/profile_step.py --size "${BIG/big/base}" --batch "$BATCH" --dtype bfloat16 --steps 3 \
+part profile 100 $PY bench/profile_step.py --size "$BASE" --batch "$BATCH" --dtype bfloat16 --steps 3 \
   --keep_trace "$OUT_DIR"
-[ "$PLATFORM" = gpu ] && part train_step_cudnn 80 $STEP --sizes "${BIG/big/base}" --no_torch --attention_impl cudnn
+[ "$PLATFORM" = gpu ] && part train_step_cudnn 80 $STEP --sizes "$BASE" --no_torch --attention_impl cudnn
 ATTENTION_IMPLS=einsum,dot_product
 [ "$PLATFORM" = gpu ] && ATTENTION_IMPLS=einsum,dot_product,cudnn
 part attention 80 $PY bench/attention.py --impls "$ATTENTION_IMPLS" --dtype bfloat16 --lengths "$LENGTHS" \
   --rounds 3 --plot "$OUT_DIR/attention.png"
 part decode 120 $PY bench/decode.py --sentences "$SENTENCES" --single "$SINGLE" --rounds 3 ${TORCH:+--no_hf}
-part train_step_dot_product 80 $STEP --sizes "${BIG/big/base}" --no_torch --attention_impl dot_product
+part train_step_dot_product 80 $STEP --sizes "$BASE" --no_torch --attention_impl dot_product
 echo "figures in $OUT_DIR/"

@@ -67,7 +67,8 @@ class PeerProcess:
   `spec`: config (a TransformerConfig), max_len, stock, params (our tree as numpy), src and tgt
   ([B, L] int32), ours_logits (our teacher-forced logits on them, for the equality check),
   warmup_steps, threads, keep_heap, and optionally device ("cpu" or "cuda"; default "cpu") and
-  dtype ("float32" or "bfloat16", PyTorch's autocast; default "float32"). `difference` and `num_params` describe the peer built.
+  dtype ("float32" or "bfloat16", PyTorch's autocast; default "float32"). `difference` and
+  `num_params` describe the peer built.
   """
 
   def __init__(self, spec: dict):

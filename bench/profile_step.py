@@ -155,7 +155,8 @@ def main():
                if e.get("ph") == "M" and e.get("name") == "process_name"}
   on_host = jax.default_backend() == "cpu"
   counted = lambda event: on_host or "/device:" in processes.get(event.get("pid"), "")
-  seen = collections.Counter(processes.get(e.get("pid"), "?") for e in events if e.get("args", {}).get("hlo_op"))
+  seen = collections.Counter(processes.get(e.get("pid"), "?") for e in events
+                             if e.get("args", {}).get("hlo_op"))
   per_op = collections.Counter()
   for event in events:
     op = event.get("args", {}).get("hlo_op")

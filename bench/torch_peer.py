@@ -133,12 +133,11 @@ def load_flax_params(model: TorchTransformer, params) -> None:
       norm(layer.norm3, p["feed_forward_norm"])
 
 
-def autocast(model: TorchTransformer, dtype: str = "float32"):
-  """The context a user would run the peer's forward pass in: for "bfloat16", PyTorch's automatic
-  mixed precision (bfloat16 products, float32 parameters, softmax, norms and loss), as our
-  `model.dtype=bfloat16` computes; for "float32", nothing."""
-  device = next(model.parameters()).device.type
-  return torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+def autocast(device: torch.device, dtype: str = "float32"):
+  """The context a user would run the peer's forward pass on `device` in: for "bfloat16", PyTorch's
+  automatic mixed precision (bfloat16 products, float32 parameters, softmax, norms and loss), as
+  our `model.dtype=bfloat16` computes; for "float32", nothing."""
+  return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
 def max_logit_difference(model: TorchTransformer, ours_logits: np.ndarray, src: np.ndarray,
@@ -151,7 +150,7 @@ def max_logit_difference(model: TorchTransformer, ours_logits: np.ndarray, src: 
   fast_path = torch.backends.mha.get_fastpath_enabled()
   torch.backends.mha.set_fastpath_enabled(dtype == "float32")
   try:
-    with torch.no_grad(), autocast(model, dtype):
+    with torch.no_grad(), autocast(device, dtype):
       theirs = model(torch.from_numpy(src).long().to(device), torch.from_numpy(tgt).long().to(device))
   finally:
     torch.backends.mha.set_fastpath_enabled(fast_path)
@@ -185,16 +184,17 @@ def greedy_decode(model: TorchTransformer, src: torch.Tensor, max_len: int) -> t
 def adam_trainer(model: TorchTransformer, warmup_steps: int, label_smoothing: float = 0.1,
                  dtype: str = "float32"):
   """A training step like ours: label-smoothed cross-entropy over real tokens, Adam (0.9, 0.98,
-  1e-9) with the paper's schedule, the forward pass under `autocast(model, dtype)`. On a GPU Adam
+  1e-9) with the paper's schedule, the forward pass under `autocast(device, dtype)`. On a GPU Adam
   is PyTorch's fused kernel (its fastest). Returns `step(src, tgt) -> loss`."""
-  fused = next(model.parameters()).device.type == "cuda"
-  opt = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9, fused=fused)
+  device = next(model.parameters()).device
+  opt = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9,
+                         fused=device.type == "cuda")
   d = model.d_model
   schedule = torch.optim.lr_scheduler.LambdaLR(
       opt, lambda step: d**-0.5 * min((step + 1) ** -0.5, (step + 1) * warmup_steps**-1.5))
 
   def step(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-    with autocast(model, dtype):  # Autocast runs cross-entropy in float32.
+    with autocast(device, dtype):  # Autocast runs cross-entropy in float32.
       logits = model(src, tgt)
       loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                              ignore_index=PAD_ID, label_smoothing=label_smoothing)
