@@ -109,7 +109,7 @@ from transformer_jax import steps
 config, _ = tiny_setup()
 config.mesh.update(dict(data=2, fsdp=2, tensor=2))
 setup = steps.make_setup(config, jax.devices()[:8])
-if sys.argv[1] == "naive":  # A plain lookup in a (vocab, embed)-split table, its output split three ways.
+if sys.argv[1] == "naive":  # A lookup in a (vocab, embed)-split table, its output split three ways.
   table = jax.device_put(jnp.ones((40, 32)), NamedSharding(setup.mesh, P("tensor", "fsdp")))
   tokens = jax.device_put(jnp.ones((8, 16), jnp.int32), NamedSharding(setup.mesh, P(("data", "fsdp"))))
   out = NamedSharding(setup.mesh, P("data", "fsdp", "tensor"))  # Rematerialised by jax 0.10 and 0.11.
