@@ -1,7 +1,7 @@
 """Attention step time and memory against sequence length: einsum against jax.nn.dot_product_attention.
 
-  python bench/attention.py [--lengths 128,256,512,1024,2048,4096] [--rounds 3]
-  python bench/attention.py --impls einsum,dot_product,cudnn --dtype bfloat16    # on a GPU
+  python -m bench.attention [--lengths 128,256,512,1024,2048,4096] [--rounds 3]
+  python -m bench.attention --impls einsum,dot_product,cudnn --dtype bfloat16    # on a GPU
 
 One `MultiHeadAttention` layer (section 3.2.2: d_model 512, 8 heads, batch 1) as self-attention
 with the padding mask the encoder passes, forward and backward (gradients of the parameters and of
@@ -17,18 +17,15 @@ does not, is only reachable on a GPU.
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from transformer_jax.cpu import cpu_description  # noqa: E402
-from transformer_jax.attention import MultiHeadAttention, segment_mask  # noqa: E402
-from transformer_jax.config import TransformerConfig  # noqa: E402
+from transformer_jax.cpu import cpu_description
+from transformer_jax.attention import MultiHeadAttention, segment_mask
+from transformer_jax.config import TransformerConfig
 
 IMPLS = ("einsum", "dot_product")
 PLOTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "plots")

@@ -1,7 +1,7 @@
 """Validation BLEU against training minutes: the quick start's time-to-quality curve.
 
-  python bench/bleu_curve.py --workdir runs/quickstart [--out bench/plots/quickstart_bleu.png]
-  python bench/bleu_curve.py --workdir runs/a --label float32 --workdir runs/b --label bfloat16
+  python -m bench.bleu_curve --workdir runs/quickstart [--out bench/plots/quickstart_bleu.png]
+  python -m bench.bleu_curve --workdir runs/a --label float32 --workdir runs/b --label bfloat16
 
 Reads each run's `metrics.jsonl` (every validation pass's greedy BLEU on the validation sample and
 the run's wall-clock minutes when it was logged), prints the minutes at which BLEU first reached
@@ -15,10 +15,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from transformer_jax.experiment import minutes_to_bleu  # noqa: E402
-from transformer_jax.trainer import read_metrics  # noqa: E402
+from transformer_jax.experiment import minutes_to_bleu
+from transformer_jax.trainer import read_metrics
 
 
 def describe(workdir: str, label: str) -> tuple[list[dict], str]:

@@ -1,6 +1,6 @@
 """The data path at WMT scale: a synthetic parallel corpus of N pairs through the user-text path.
 
-  python bench/data_scale.py [--sizes 100000,1000000,4500000] [--dir /tmp/data_scale]
+  python -m bench.data_scale [--sizes 100000,1000000,4500000] [--dir /tmp/data_scale]
 
 For each N it writes a tab-separated corpus (generated here, never kept in the repository: words
 drawn from a Zipf distribution over a 60,000-word vocabulary per language, sentence lengths
@@ -31,7 +31,6 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 
@@ -112,9 +111,11 @@ def prepare(n: int, directory: str, processes: int, vocab_size: int) -> dict:
 
 def training_process_memory(tsv_dir: str, n: int, processes: int, vocab_size: int, in_memory: bool) -> dict:
   """Peak RSS growth of a process that opens the cache and reads 300 batches (run in a fresh process)."""
+  # The child runs in the repository root, where `python -c` finds the bench package, so its paths
+  # are made absolute first.
+  tsv_dir = os.path.abspath(tsv_dir)
   code = f"""
-import json, resource, sys
-sys.path.insert(0, {ROOT!r})
+import json, resource
 from bench.data_scale import run_config
 from transformer_jax import experiment
 from transformer_jax.data import pipeline, sources, token_cache
@@ -138,7 +139,7 @@ now = rss()
 print(json.dumps({{"anon_mb": now["RssAnon"] - base["RssAnon"], "file_mb": now["RssFile"] - base["RssFile"]}}))
 """
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                       cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   if out.returncode:
     raise RuntimeError(out.stderr[-3000:])
   return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,8 +1,8 @@
 """Decoding speed against Hugging Face `transformers`' MarianMTModel.generate on the same weights.
 
-  python bench/decode.py --workdir runs/quickstart [--sentences 32] [--rounds 3] [--beam 4]
-  python bench/decode.py            # no workdir: the small config, random weights, fixed lengths
-  python bench/decode.py --no_hf    # ours only (no torch/transformers installed)
+  python -m bench.decode --workdir runs/quickstart [--sentences 32] [--rounds 3] [--beam 4]
+  python -m bench.decode            # no workdir: the small config, random weights, fixed lengths
+  python -m bench.decode --no_hf    # ours only (no torch/transformers installed)
 
 The peer is what a user would serve the same model with: our parameters converted to a
 MarianMTModel (`transformer_jax.marian`, exact up to LayerNorm epsilon) and decoded by its
@@ -12,27 +12,24 @@ must agree token for token; the script counts the translations that differ. Each
 whole batch at once and on one sentence at a time (batch 1), with medians over interleaved rounds.
 Ours pads every sentence to the batch's source length (one compiled program, as `translate`
 buckets); generate reads each sentence unpadded. Our decoder without a cache
-(bench/uncached_decode.py) is timed too with --uncached, as the cache's baseline.
+(tests/reference_decode.py, the tests' reference for cached decoding) is timed too with
+--uncached, as the cache's baseline.
 """
 
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from transformer_jax.cpu import cpu_description  # noqa: E402
-from bench.uncached_decode import greedy_search_uncached, uncached_decoder  # noqa: E402
-from transformer_jax import decode, evaluate, steps  # noqa: E402
-from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
-from transformer_jax.data import sources  # noqa: E402
-from transformer_jax.model import Transformer  # noqa: E402
+from transformer_jax.cpu import cpu_description
+from transformer_jax import decode, evaluate, steps
+from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID
+from transformer_jax.data import sources
+from transformer_jax.model import Transformer
 
 
 def load(args):
@@ -63,6 +60,11 @@ def ours(model, beam: int, max_extra_len: int):
 
 
 def uncached(model, beam: int, max_len: int):
+  # The reference lives with the tests it serves. tests/ has no __init__.py: it imports as a
+  # namespace package from the repository root, where `python -m bench.decode` runs; imported
+  # here so that the script needs it only with --uncached.
+  from tests.reference_decode import greedy_search_uncached, uncached_decoder
+
   def run(params, src):
     if beam == 1:
       return greedy_search_uncached(model, params, src, max_len)

@@ -1,6 +1,6 @@
 """What dropout costs a train step: ours against flax's `nn.Dropout`, the `rbg` PRNG and none.
 
-  python bench/dropout.py [--size base] [--batch 8x128] [--rounds 7]
+  python -m bench.dropout [--size base] [--batch 8x128] [--rounds 7]
 
 `layers.Dropout` takes 16 random bits per unit (two per threefry word); flax's `nn.Dropout`, the
 peer, takes a 32-bit word per unit. The script compiles the train step of one config four ways
@@ -15,21 +15,18 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from transformer_jax.cpu import cpu_description
+from transformer_jax import cpu, steps
 
-from transformer_jax.cpu import cpu_description  # noqa: E402
-from transformer_jax import cpu, steps  # noqa: E402
+import flax.linen as nn
+import jax
+import numpy as np
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench.pipeline import CONFIGS  # noqa: E402
-from transformer_jax.config import load_config_file  # noqa: E402
-from transformer_jax import model as model_module  # noqa: E402
+from bench.pipeline import CONFIGS
+from transformer_jax.config import load_config_file
+from transformer_jax import model as model_module
 
 # name: (dropout module, PRNG, dropout rate or None for the config's).
 VARIANTS = {

@@ -1,6 +1,6 @@
 """Real target tokens per second of training on the offline corpus: our batching against padding.
 
-  python bench/end_to_end.py [--config configs/small.py] [--rounds 3] [--steps 8]
+  python -m bench.end_to_end [--config configs/small.py] [--rounds 3] [--steps 8]
 
 Trains the same model (the config's) on the Bible en-de training split with three ways of making
 batches of the same token budget (`data.tokens_per_batch` per side):
@@ -20,21 +20,17 @@ shows that assembling them is hundreds of times faster than the step).
 """
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from transformer_jax.cpu import cpu_description  # noqa: E402
-from transformer_jax.config import load_config_file  # noqa: E402
-from transformer_jax import cpu, experiment, sharding, steps  # noqa: E402
-from transformer_jax.data import sources  # noqa: E402
-from transformer_jax.data import pipeline, token_cache  # noqa: E402
+from transformer_jax.cpu import cpu_description
+from transformer_jax.config import load_config_file
+from transformer_jax import cpu, experiment, sharding, steps
+from transformer_jax.data import sources
+from transformer_jax.data import pipeline, token_cache
 
 
 def padded_batches(corpus: token_cache.TokenizedCorpus, indices: np.ndarray, rows: int, max_len: int,

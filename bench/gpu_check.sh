@@ -54,16 +54,16 @@ PLATFORM=$($PY -c "import jax; print(jax.default_backend())" 2>/dev/null)
 TORCH=""  # The PyTorch peers where torch is installed (on a CPU too, at tiny sizes).
 $PY -c "import torch, transformers" 2>/dev/null || TORCH="--no_torch"
 
-STEP="$PY bench/train_step.py --dtype bfloat16 --batch $BATCH --rounds $ROUNDS --steps $STEPS"
+STEP="$PY -m bench.train_step --dtype bfloat16 --batch $BATCH --rounds $ROUNDS --steps $STEPS"
 part train_step_base 170 $STEP --sizes "$BASE" $TORCH
 part train_step_big 170 $STEP --sizes "$BIG" $TORCH
-part profile 100 $PY bench/profile_step.py --size "$BASE" --batch "$BATCH" --dtype bfloat16 --steps 3 \
+part profile 100 $PY -m bench.profile_step --size "$BASE" --batch "$BATCH" --dtype bfloat16 --steps 3 \
   --keep_trace "$OUT_DIR"
 [ "$PLATFORM" = gpu ] && part train_step_cudnn 80 $STEP --sizes "$BASE" --no_torch --attention_impl cudnn
 ATTENTION_IMPLS=einsum,dot_product
 [ "$PLATFORM" = gpu ] && ATTENTION_IMPLS=einsum,dot_product,cudnn
-part attention 80 $PY bench/attention.py --impls "$ATTENTION_IMPLS" --dtype bfloat16 --lengths "$LENGTHS" \
+part attention 80 $PY -m bench.attention --impls "$ATTENTION_IMPLS" --dtype bfloat16 --lengths "$LENGTHS" \
   --rounds 3 --plot "$OUT_DIR/attention.png"
-part decode 120 $PY bench/decode.py --sentences "$SENTENCES" --single "$SINGLE" --rounds 3 ${TORCH:+--no_hf}
+part decode 120 $PY -m bench.decode --sentences "$SENTENCES" --single "$SINGLE" --rounds 3 ${TORCH:+--no_hf}
 part train_step_dot_product 80 $STEP --sizes "$BASE" --no_torch --attention_impl dot_product
 echo "figures in $OUT_DIR/"

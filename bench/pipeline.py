@@ -1,6 +1,6 @@
 """Input pipeline throughput against the training step's consumption, on this machine.
 
-  python bench/pipeline.py [--config configs/small.py] [--rounds 5]
+  python -m bench.pipeline [--config configs/small.py] [--rounds 5]
 
 Prints the target tokens per second that the grain pipeline delivers (batches assembled from the
 tokenized corpus, with and without packing) beside the target tokens per second that the jitted
@@ -11,20 +11,17 @@ preparation is from being the bottleneck. Uses the offline Bible corpus (prepare
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from ml_collections import config_flags  # noqa: F401
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from ml_collections import config_flags  # noqa: E402,F401
-
-from transformer_jax.cpu import cpu_description  # noqa: E402
-from transformer_jax import experiment, sharding, steps  # noqa: E402
-from transformer_jax.config import load_config_file  # noqa: E402
-from transformer_jax.data import sources  # noqa: E402
-from transformer_jax.data import pipeline  # noqa: E402
+from transformer_jax.cpu import cpu_description
+from transformer_jax import experiment, sharding, steps
+from transformer_jax.config import load_config_file
+from transformer_jax.data import sources
+from transformer_jax.data import pipeline
 
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

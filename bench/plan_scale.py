@@ -1,6 +1,6 @@
 """Epoch plans at WMT scale: the array-based bucketed plan against the list-based plan it replaced.
 
-  python bench/plan_scale.py [--sizes 4500000,40000000] [--list_max 4500000]
+  python -m bench.plan_scale [--sizes 4500000,40000000] [--list_max 4500000]
 
 WMT 2014 en-de has 4.5M sentence pairs, en-fr 36M. A training process plans each epoch (which
 examples go in which batch, drawn from the seed) and holds up to two plans. This times
@@ -14,15 +14,12 @@ most 256 tokens, 8 data-parallel shards, and prints the time and the memory each
 import argparse
 import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from transformer_jax.cpu import cpu_description  # noqa: E402
-from transformer_jax.data import pipeline, token_cache  # noqa: E402
+from transformer_jax.cpu import cpu_description
+from transformer_jax.data import pipeline, token_cache
 
 
 def list_plan(corpus, indices, tokens_per_batch, max_len, multiple_of, rng):

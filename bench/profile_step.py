@@ -1,8 +1,8 @@
 """Where a train step's time goes, op by op, on the machine at hand.
 
-  python bench/profile_step.py --size small          # 32 x 128, configs/small.py
-  python bench/profile_step.py --size base --steps 2  # 8 x 128
-  python bench/profile_step.py --size base --batch 200x128 --dtype bfloat16 --keep_trace DIR  # GPU
+  python -m bench.profile_step --size small          # 32 x 128, configs/small.py
+  python -m bench.profile_step --size base --steps 2  # 8 x 128
+  python -m bench.profile_step --size base --batch 200x128 --dtype bfloat16 --keep_trace DIR  # GPU
 
 Runs the train step of bench/train_step.py (same batch, same settings) a few times under
 `jax.profiler`, sums the time of each compiled op (XLA:CPU's thunks, named after the HLO
@@ -30,19 +30,16 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from transformer_jax import cpu
 
-from transformer_jax import cpu  # noqa: E402
+import flax.linen as nn
+import jax
 
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-
-from bench.train_step import step_inputs  # noqa: E402
-from transformer_jax.cpu import cpu_description  # noqa: E402
+from bench.train_step import step_inputs
+from transformer_jax.cpu import cpu_description
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (\([^()]*\)|\S+) (\w[\w-]*)\(")  # Tuple shapes too.
 _CALLS = re.compile(r"calls=%?([\w.-]+)")

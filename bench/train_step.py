@@ -1,7 +1,7 @@
 """Train-step throughput and MFU against PyTorch eager, and on an accelerator against its peak.
 
-  python bench/train_step.py [--sizes small,base] [--rounds 5]          # CPU, float32, vs PyTorch
-  python bench/train_step.py --sizes base,big --dtype bfloat16 --batch 200x128 --steps 10  # GPU/TPU
+  python -m bench.train_step [--sizes small,base] [--rounds 5]          # CPU, float32, vs PyTorch
+  python -m bench.train_step --sizes base,big --dtype bfloat16 --batch 200x128 --steps 10  # GPU/TPU
 
 Times our jitted train step (`steps.make_setup(config).train_step`) on a fixed batch of random
 tokens and prints medians: step time, target tokens/s, model FLOPs utilisation (MFU), and the time
@@ -30,23 +30,20 @@ a TPU.
 import argparse
 import os
 import statistics
-import sys
 import time
 from typing import Any, NamedTuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bench.pipeline import CONFIGS  # noqa: E402
-from transformer_jax.cpu import cpu_description  # noqa: E402
-from bench.peer_process import PeerProcess  # noqa: E402
-from transformer_jax.config import load_config_file  # noqa: E402
-from transformer_jax import cpu, steps  # noqa: E402
-from transformer_jax.config import TransformerConfig  # noqa: E402
-from transformer_jax.flops import peak_flops_per_device, train_step_flops  # noqa: E402
+from bench.pipeline import CONFIGS
+from transformer_jax.cpu import cpu_description
+from bench.peer_process import PeerProcess
+from transformer_jax.config import load_config_file
+from transformer_jax import cpu, steps
+from transformer_jax.config import TransformerConfig
+from transformer_jax.flops import peak_flops_per_device, train_step_flops
 
 # Default batch shapes [rows, length] per side on a CPU: small uses its config's budget (4,096
 # tokens, rows of 128); base and big a batch that takes seconds a step on two cores.

@@ -36,7 +36,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
-# The repository root, for the reference decoders in bench/ (bench/uncached_decode.py).
+# The repository root, for the tests that import the bench package (bench.plan_scale's list_plan,
+# bench.torch_peer): pytest puts only tests/ on the path, and `python -m pytest` adds the current
+# directory, which need not be the root.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from transformer_jax import Transformer, TransformerConfig  # noqa: E402

@@ -24,8 +24,8 @@ def run_script(*args: str, timeout: int = 300) -> str:
 
 
 def test_train_step_benchmark_prints_step_time_and_mfu():
-  out = run_script("bench/train_step.py", "--sizes", "small", "--batch", "2x16", "--rounds", "2",
-                   "--steps", "1", "--no_torch")
+  out = run_script("-m", "bench.train_step", "--sizes", "small", "--batch", "2x16", "--rounds",
+                   "2", "--steps", "1", "--no_torch")
   row = next(line for line in out.splitlines() if line.startswith("small"))
   fields = row.split()
   assert fields[1] == "2x16" and fields[2] == "7.6M", row
@@ -36,8 +36,8 @@ def test_train_step_benchmark_prints_step_time_and_mfu():
 @pytest.mark.slow  # About 80 s: both libraries' steps, each in its process.
 def test_train_step_benchmark_times_the_pytorch_peer_in_its_own_process():
   pytest.importorskip("torch")
-  out = run_script("bench/train_step.py", "--sizes", "small", "--batch", "2x16", "--rounds", "2",
-                   "--steps", "1")
+  out = run_script("-m", "bench.train_step", "--sizes", "small", "--batch", "2x16", "--rounds",
+                   "2", "--steps", "1")
   row = next(line for line in out.splitlines() if line.startswith("small"))
   fields = row.split()
   assert float(fields[7]) > 0 and fields[10].endswith("x"), row  # The peer's ms/step, the ratio.
@@ -47,7 +47,7 @@ def test_train_step_benchmark_times_the_pytorch_peer_in_its_own_process():
 
 
 def test_the_step_profile_sorts_every_op_into_a_kind():
-  out = run_script("bench/profile_step.py", "--size", "small", "--batch", "2x16", "--steps", "1",
+  out = run_script("-m", "bench.profile_step", "--size", "small", "--batch", "2x16", "--steps", "1",
                    "--top", "3")
   table = out.split("share\n")[1].split("\n\n")[0].splitlines()
   kinds = {kind.strip(): float(ms) for kind, ms, _ in (line.rsplit(None, 2) for line in table)}
@@ -59,7 +59,7 @@ def test_the_step_profile_sorts_every_op_into_a_kind():
 
 @pytest.mark.slow  # About a minute: it compiles four train steps.
 def test_dropout_benchmark_times_the_four_variants():
-  out = run_script("bench/dropout.py", "--size", "small", "--batch", "2x16", "--rounds", "1")
+  out = run_script("-m", "bench.dropout", "--size", "small", "--batch", "2x16", "--rounds", "1")
   rows = {line[:28].strip(): line[28:].split() for line in out.splitlines()[-4:]}
   assert set(rows) == {"ours (16 bits a unit)", "flax nn.Dropout (32 bits)",
                        "flax nn.Dropout, rbg PRNG", "no dropout"}, out
@@ -69,8 +69,8 @@ def test_dropout_benchmark_times_the_four_variants():
 
 def test_attention_benchmark_prints_both_implementations_and_plots(tmp_path):
   plot = tmp_path / "attention.png"
-  out = run_script("bench/attention.py", "--lengths", "16,32", "--rounds", "1", "--d_model", "32",
-                   "--num_heads", "4", "--plot", str(plot))
+  out = run_script("-m", "bench.attention", "--lengths", "16,32", "--rounds", "1", "--d_model",
+                   "32", "--num_heads", "4", "--plot", str(plot))
   rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("16", "32")]
   assert [r[0] for r in rows] == ["16", "32"]
   assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
@@ -80,7 +80,6 @@ def test_attention_benchmark_prints_both_implementations_and_plots(tmp_path):
 def test_the_pytorch_peer_computes_our_logits():
   torch = pytest.importorskip("torch")
   import jax
-  sys.path.insert(0, str(ROOT))
   from bench.torch_peer import TorchTransformer, greedy_decode, load_flax_params, max_logit_difference
   from conftest import init_params, tiny_config
   from transformer_jax import Transformer, decode
@@ -104,12 +103,13 @@ def test_the_pytorch_peer_computes_our_logits():
 @pytest.mark.slow  # About 50 s; tests/test_marian.py checks the same translations as Hugging Face's.
 def test_decode_benchmark_times_ours_and_hugging_face_on_the_same_weights():
   pytest.importorskip("transformers")
-  out = run_script("bench/decode.py", "--sentences", "2", "--single", "1", "--rounds", "1",
-                   "--max_extra_len", "4", "--beam", "2")
+  # --uncached also checks that the script finds tests/reference_decode.py as a package.
+  out = run_script("-m", "bench.decode", "--sentences", "2", "--single", "1", "--rounds", "1",
+                   "--max_extra_len", "4", "--beam", "2", "--uncached")
   assert out.startswith("CPU: "), out
   lines = out.splitlines()
   for search in ("greedy", "beam 2"):
-    for decoder in ("ours", "HF generate"):
+    for decoder in ("ours", "HF generate", "ours, no cache"):
       assert any(line.startswith(f"{search:<10}{decoder} ") for line in lines), out
   assert "greedy: translations identical to HF generate's: 2/2" in out
   assert "beam 2: translations identical to HF generate's: 2/2" in out
@@ -135,8 +135,8 @@ def test_the_gpu_check_runs_every_part_at_tiny_sizes(tmp_path):
 
 
 def test_the_data_scale_benchmark_prepares_tokenizes_and_measures_memory(tmp_path):
-  out = run_script("bench/data_scale.py", "--sizes", "2000", "--vocab_size", "300", "--dir", str(tmp_path),
-                   "--processes", "2")
+  out = run_script("-m", "bench.data_scale", "--sizes", "2000", "--vocab_size", "300", "--dir",
+                   str(tmp_path), "--processes", "2")
   row = next(line for line in out.splitlines() if line.startswith("| 2,000 |"))
   cells = [c.strip() for c in row.strip("|").split("|")]
   assert len(cells) == 10 and cells[6].endswith("min"), row
@@ -148,6 +148,7 @@ def test_the_bleu_curve_plots_a_run(tmp_path):
   lines = [{"step": 250 * k, "split": "validation", "bleu_greedy": b, "minutes": 4.0 * k}
            for k, b in enumerate([3.0, 11.0, 18.5, 22.0], start=1)]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines) + '{"step": 1')
-  out = run_script("bench/bleu_curve.py", "--workdir", str(tmp_path), "--out", str(tmp_path / "curve.png"))
+  out = run_script("-m", "bench.bleu_curve", "--workdir", str(tmp_path), "--out",
+                   str(tmp_path / "curve.png"))
   assert "BLEU 10 at 8.0 min, BLEU 20 at 16.0 min, BLEU 25 at -" in out  # A cut line is skipped.
   assert (tmp_path / "curve.png").stat().st_size > 0

@@ -11,12 +11,12 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from conftest import init_params, random_tokens, tiny_config
+from reference_decode import greedy_search_uncached, uncached_decoder
 from transformer_jax import BOS_ID, EOS_ID, PAD_ID, Transformer
 from transformer_jax.decode import (
     CacheGrowth, beam_search, cached_decoder, doubling_lengths, expand_to_beams,
     greedy_search, grow_self_cache, length_penalty, make_translate_fn, translate)
 from transformer_jax.topk import blockwise_top_k, per_device_top_k
-from bench.uncached_decode import greedy_search_uncached, uncached_decoder
 
 # Fake models over a vocabulary of 5 ids. They give PAD_ID and BOS_ID probability 0, so outputs are
 # made of the words 3 and 4 and EOS_ID; the impossible ids also check that -inf log-probabilities

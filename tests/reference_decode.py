@@ -1,5 +1,6 @@
 """Decoders without a key/value cache: the reference that cached decoding is tested against
-(tests/test_decode.py) and the baseline that bench/decode.py measures it against.
+(tests/test_decode.py) and the baseline that `python -m bench.decode --uncached` measures it
+against (it imports this file as `tests.reference_decode`).
 
 `uncached_decoder` is a `tokens_to_logits` step (see `transformer_jax.decode`) that reruns the full
 decoder over all L output positions at every step, as a decoder with static shapes and no cache
