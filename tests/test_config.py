@@ -13,6 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from transformer_jax import Transformer, TransformerConfig
+from transformer_jax.config import base_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 # configs/marian.py reads a Marian model directory (`--config configs/marian.py:DIR`):
@@ -69,6 +70,28 @@ def test_base_and_big_follow_table_3():
   assert TransformerConfig.from_config(big.model).head_dim_k == 64
   assert (base.train.adam_b1, base.train.adam_b2, base.train.adam_eps) == (0.9, 0.98, 1e-9)
   assert (base.decode.beam_size, base.decode.length_penalty) == (4, 0.6)
+
+
+def leaves(config) -> dict:
+  """Every field of a ConfigDict by its dotted name: {"model.d_model": 512, ...}."""
+  def walk(tree: dict, prefix: str):
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        yield from walk(value, f"{prefix}{key}.")
+      else:
+        yield f"{prefix}{key}", value
+  return dict(walk(config.to_dict(), ""))
+
+
+def test_base_shows_the_schema_defaults_and_big_changes_only_table_3s_big_fields():
+  # configs/base.py repeats base_config()'s values so that a reader sees them: it must not drift.
+  base, big, schema = leaves(parse("base.py")), leaves(parse("big.py")), leaves(base_config())
+  assert base.keys() == schema.keys() == big.keys()
+  assert {k: (base[k], schema[k]) for k in schema if base[k] != schema[k]} == {}
+  changed = {k: big[k] for k in base if big[k] != base[k]}
+  assert changed == {"model.d_model": 1024, "model.d_ff": 4096, "model.num_heads": 16,
+                     "model.dropout_rate": 0.3, "train.num_steps": 300_000,
+                     "train.checkpoints_to_average": 20}
 
 
 # Every row of Table 3 as command-line overrides of base, with the (d_k, d_v) each implies.
