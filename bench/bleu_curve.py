@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from transformer_jax.experiment import minutes_to_bleu
+from transformer_jax.evaluate import minutes_to_bleu
 from transformer_jax.trainer import read_metrics
 
 

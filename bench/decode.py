@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.cpu import cpu_description
-from transformer_jax import decode, evaluate, steps
+from transformer_jax import decode, runs, steps, translation
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID
 from transformer_jax.data import sources
 from transformer_jax.model import Transformer
@@ -35,7 +35,7 @@ from transformer_jax.model import Transformer
 def load(args):
   """(model, params, src [B, S] padded, lengths [B]) from a run's test split, or random."""
   if args.workdir:
-    run = evaluate.load_run(args.workdir)
+    run = runs.load_run(args.workdir)
     split = sources.load_split(run.config.data, "test")
     texts = [split.examples[i][split.source_lang] for i in range(args.sentences)]
     ids = run.tokenizer.encode_batch(texts)
@@ -55,7 +55,7 @@ def load(args):
 
 
 def ours(model, beam: int, max_extra_len: int):
-  fn = decode.make_translate_fn(model, beam, 0.0, max_extra_len)
+  fn = translation.make_translate_fn(model, beam, 0.0, max_extra_len)
   return lambda params, src: np.asarray(jax.block_until_ready(fn(params, jnp.asarray(src))))
 
 

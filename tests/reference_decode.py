@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.constants import PAD_ID
-from transformer_jax.decode import (Cache, TokensToLogits, check_output_length, expand_to_beams, greedy_search,
-                                   never_generated)
+from transformer_jax.decode import Cache, TokensToLogits, expand_to_beams, greedy_search, never_generated
 from transformer_jax.model import Transformer
+from transformer_jax.translation import check_output_length
 
 Array = jax.Array
 
@@ -31,7 +31,7 @@ def uncached_decoder(model: Transformer, params: Any, encoded: Array, src: Array
   written yet. So a step costs a full decoder pass, as it does for a decoder without a key/value
   cache and with static shapes. It serves as the reference for cached decoding and as a baseline.
 
-  Args and Returns: as `transformer_jax.decode.cached_decoder`.
+  Args and Returns: as `transformer_jax.translation.cached_decoder`.
   """
   prefix = jnp.full((src.shape[0], max_len), PAD_ID, jnp.int32)
 

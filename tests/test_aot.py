@@ -13,6 +13,7 @@ import pytest
 
 from tiny_run import tiny_run_config
 from transformer_jax import aot
+from transformer_jax.cli import compile as compile_cli
 from transformer_jax.steps import make_setup
 from transformer_jax.errors import ConfigError
 
@@ -30,7 +31,7 @@ def tiny(**mesh):
 def test_the_train_step_and_decoding_compile_for_eight_devices_with_their_figures():
   config = tiny(fsdp=2)
   out = io.StringIO()
-  assert aot.main(config, "cpu:8", out=out) == 0
+  assert compile_cli.compile_and_report(config, "cpu:8", out=out) == 0
   text = out.getvalue()
   assert "mesh {'data': 4, 'fsdp': 2, 'tensor': 1}" in text
   assert "train step (8 x 32 tokens a side)" in text and "decode (beam 4, 8 sources of 32 tokens)" in text
@@ -46,7 +47,7 @@ def test_the_train_step_and_decoding_compile_for_eight_devices_with_their_figure
 
 def test_a_step_that_does_not_fit_says_so_and_exits_1():
   out = io.StringIO()
-  assert aot.main(tiny(), "cpu:8", memory_gib=0.001, decode=False, out=out) == 1
+  assert compile_cli.compile_and_report(tiny(), "cpu:8", memory_gib=0.001, decode=False, out=out) == 1
   assert "DOES NOT FIT" in out.getvalue()
 
 
@@ -72,7 +73,7 @@ def test_bad_topologies_and_batches_are_named():
 
 
 def compile_command(*args):
-  cmd = [sys.executable, "-m", "transformer_jax.aot", "--config", str(ROOT / "configs" / "small.py"),
+  cmd = [sys.executable, "-m", "transformer_jax.cli.compile", "--config", str(ROOT / "configs" / "small.py"),
          "--config.model.num_layers=1", "--config.model.vocab_size=512", *args]
   return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
 

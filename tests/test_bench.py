@@ -82,7 +82,7 @@ def test_the_pytorch_peer_computes_our_logits():
   import jax
   from bench.torch_peer import TorchTransformer, greedy_decode, load_flax_params, max_logit_difference
   from conftest import init_params, tiny_config
-  from transformer_jax import Transformer, decode
+  from transformer_jax import Transformer, translation
 
   config = tiny_config()
   rng = np.random.default_rng(0)
@@ -95,8 +95,8 @@ def test_the_pytorch_peer_computes_our_logits():
   load_flax_params(peer, jax.device_get(params))
   assert max_logit_difference(peer, np.asarray(ours), src, tgt) < 1e-4
   theirs = greedy_decode(peer.eval(), torch.from_numpy(src).long(), max_len=10).numpy()
-  mine = np.asarray(decode.translate(Transformer(config), params, src, beam_size=1, alpha=0.0,
-                                     max_extra_len=1))
+  mine = np.asarray(translation.translate(Transformer(config), params, src, beam_size=1, alpha=0.0,
+                                          max_extra_len=1))
   np.testing.assert_array_equal(theirs, mine[:, :theirs.shape[1]])
 
 

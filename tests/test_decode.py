@@ -14,8 +14,8 @@ from conftest import init_params, random_tokens, tiny_config
 from reference_decode import greedy_search_uncached, uncached_decoder
 from transformer_jax import BOS_ID, EOS_ID, PAD_ID, Transformer
 from transformer_jax.decode import (
-    CacheGrowth, beam_search, cached_decoder, doubling_lengths, expand_to_beams,
-    greedy_search, grow_self_cache, length_penalty, make_translate_fn, translate)
+    CacheGrowth, beam_search, doubling_lengths, expand_to_beams, greedy_search, length_penalty)
+from transformer_jax.translation import cached_decoder, grow_self_cache, make_translate_fn, translate
 from transformer_jax.topk import blockwise_top_k, per_device_top_k
 
 # Fake models over a vocabulary of 5 ids. They give PAD_ID and BOS_ID probability 0, so outputs are
@@ -451,12 +451,13 @@ def test_translations_never_contain_padding_or_the_start_symbol(beam_size):
 def test_beam_search_on_a_mesh_searches_each_devices_rows_without_gathering_the_batch():
   import flax.linen as nn
   import tiny_run
-  from transformer_jax import sharding, steps
+  from transformer_jax import sharding, steps, translation
   config, _ = tiny_run.tiny_setup()
   setup = steps.make_setup(config, jax.devices()[:8])
   src = jax.ShapeDtypeStruct((16, 12), jnp.int32, sharding=sharding.batch_sharding(setup.mesh))
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
-    hlo = setup.jit_translate_fn(4, 0.6, 6).trace(setup.abstract_state().params, src).lower().compile().as_text()
+    jitted = translation.translator(setup.model, setup.mesh, setup.rules).jit_fn(4, 0.6, 6)
+    hlo = jitted.trace(setup.abstract_state().params, src).lower().compile().as_text()
   assert "TopK" in hlo or "top_k" in hlo.lower() or "sort" in hlo
   # Only the loop's "is any hypothesis alive" test crosses devices: no all-gather of scores.
   assert "all-gather" not in hlo

@@ -1,18 +1,16 @@
-"""sacreBLEU scoring, loading a run, and the translate and evaluate commands."""
+"""Evaluation: sacreBLEU and the paper's tokenized BLEU, time to quality, and corpus translation
+giving the same text on any mesh and in any number of processes (the loss over a split:
+tests/test_pipeline.py)."""
 
-import io
 import json
 import math
 import pathlib
 import sys
 
-import jax
 import pytest
 import sacrebleu
 
-import tiny_run
-from transformer_jax import checkpoints, evaluate, steps
-from transformer_jax.tokenizer import train_tokenizer
+from transformer_jax import evaluate
 
 HYPOTHESES = ["The cat sat on the mat.", "A dog barked loudly at night", "Hello world"]
 REFERENCES = ["The cat sat on a mat.", "The dog barked loudly at night.", "Hello, world!"]
@@ -44,105 +42,11 @@ def test_tokenized_bleu_is_the_papers_recipe_computed_by_hand():
   assert evaluate.tokenized_bleu(["a b c d"], ["a b c d e"], "en") == pytest.approx(100 * math.exp(1 - 5 / 4))
 
 
-SENTENCES = [f"the {a} {b} went to the {c}" for a in ("red", "old", "big") for b in ("cat", "dog")
-             for c in ("market", "river", "house")] * 5
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-  """A workdir as training leaves it: a tokenizer and two checkpoints of a tiny model."""
-  workdir = tmp_path_factory.mktemp("run")
-  tokenizer = train_tokenizer(SENTENCES, vocab_size=48)
-  tokenizer.save(workdir / "tokenizer.model")
-  config = tiny_run.tiny_run_config(steps=4)
-  config.model.vocab_size = 48
-  setup = steps.make_setup(config, jax.devices()[:1])
-  state = setup.init_state(0)
-  manager = checkpoints.make_manager(str(workdir), config.train)
-  for step in (1, 2):
-    state = state.replace(step=state.step + 1)
-    checkpoints.save(manager, state, {"next_index": step}, config)
-  manager.wait_until_finished()
-  manager.close()
-  return workdir
-
-
-def test_translate_command_reads_arguments_files_and_stdin(run_dir, tmp_path, capsys, monkeypatch):
-  assert evaluate.translate_main(["--workdir", str(run_dir), "--beam_size", "2", "the red cat", "the dog"]) == 0
-  assert len(capsys.readouterr().out.splitlines()) == 2
-  source = tmp_path / "in.txt"
-  source.write_text("the old dog\nthe big cat\nthe house\n")
-  assert evaluate.translate_main(["--workdir", str(run_dir), "--input", str(source)]) == 0
-  assert len(capsys.readouterr().out.splitlines()) == 3
-  monkeypatch.setattr(sys, "stdin", io.StringIO("went to the river\n"))
-  assert evaluate.translate_main(["--workdir", str(run_dir), "--beam_size", "1"]) == 0
-  assert len(capsys.readouterr().out.splitlines()) == 1
-
-
-def test_translate_command_explains_an_unusable_workdir(run_dir, tmp_path, capsys):
-  assert evaluate.translate_main(["--workdir", str(tmp_path / "nowhere"), "x"]) == 2
-  assert "does not exist" in capsys.readouterr().err
-  assert evaluate.translate_main(["--workdir", str(tmp_path), "x"]) == 2
-  assert "has no checkpoints" in capsys.readouterr().err
-  broken = tmp_path / "broken"
-  broken.mkdir()
-  (broken / "checkpoints").symlink_to(run_dir / "checkpoints")
-  train_tokenizer(SENTENCES, vocab_size=40).save(broken / "tokenizer.model")
-  assert evaluate.translate_main(["--workdir", str(broken), "x"]) == 2
-  assert "has 40 pieces but the checkpoint's model has vocab_size=48" in capsys.readouterr().err
-
-
-def test_evaluate_command_scores_files_with_averaged_checkpoints(run_dir, tmp_path, capsys):
-  source, reference = tmp_path / "src.txt", tmp_path / "ref.txt"
-  source.write_text("the red cat\nthe old dog went\n")
-  reference.write_text("die rote Katze\nder alte Hund ging\n")
-  code = evaluate.evaluate_main(["--workdir", str(run_dir), "--source_file", str(source),
-                                 "--reference_file", str(reference), "--average_last", "2",
-                                 "--output_dir", str(tmp_path / "out")])
-  assert code == 0, capsys.readouterr().err
-  scores = json.loads((tmp_path / "out" / "src.txt.scores.json").read_text())
-  hypotheses = (tmp_path / "out" / "src.txt.hypotheses.txt").read_text().splitlines()
-  assert scores["checkpoints"] == [1, 2] and len(hypotheses) == 2
-  assert scores["bleu"] == sacrebleu.corpus_bleu(hypotheses, [["die rote Katze", "der alte Hund ging"]]).score
-
-
-class CompileCounter:
-  """Counts XLA compilations inside a `with` block: jax's backend-compile events, and the programs
-  it loads from the persistent compilation cache instead (which the test run shares between
-  processes, tests/conftest.py)."""
-
-  def __enter__(self):
-    self.count = 0
-    jax.monitoring.register_event_duration_secs_listener(self._listen_duration)
-    jax.monitoring.register_event_listener(self._listen)
-    return self
-
-  def _listen_duration(self, event, duration, **kwargs):
-    del duration, kwargs
-    if event == "/jax/core/compile/backend_compile_duration":
-      self.count += 1
-
-  def _listen(self, event, **kwargs):
-    del kwargs
-    if event == "/jax/compilation_cache/cache_hits":
-      self.count += 1
-
-  def __exit__(self, *exc):
-    jax.monitoring.unregister_event_duration_listener(self._listen_duration)
-    jax.monitoring.unregister_event_listener(self._listen)
-
-
-def test_decoding_compiles_once_per_shape_for_the_whole_run(run_dir):
-  run = evaluate.load_run(str(run_dir))
-  sentences = ["the red cat went to the market", "the old dog", "the big dog went to the house"]
-  for beam_size in (1, 2):  # Greedy, as validation decodes, and beam search, as the test does.
-    with CompileCounter() as first:
-      expected = run.translate(sentences, beam_size=beam_size)
-    for _ in range(2):  # Two more passes over the same shapes, as later validations make.
-      with CompileCounter() as again:
-        assert run.translate(sentences, beam_size=beam_size) == expected
-      assert again.count == 0, f"beam {beam_size}: {again.count} compilations on a repeated pass"
-    assert first.count >= 1
+def test_minutes_to_bleu_is_the_first_validation_pass_that_reached_each_threshold():
+  passes = [{"step": 250, "bleu_greedy": 4.0, "minutes": 4.1}, {"step": 500, "bleu_greedy": 12.5, "minutes": 8.0},
+            {"step": 750, "bleu_greedy": 11.0, "minutes": 12.2}, {"step": 1000, "bleu_greedy": 20.0, "minutes": 16.3}]
+  assert evaluate.minutes_to_bleu(passes) == {"10": 8.0, "20": 16.3, "25": None}
+  assert evaluate.minutes_to_bleu([]) == {"10": None, "20": None, "25": None}
 
 
 @pytest.mark.slow  # About three minutes: trains, then decodes in five processes; test_decode.py

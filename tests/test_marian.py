@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import init_params, random_tokens, tiny_config
-from transformer_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Transformer, decode, marian
+from transformer_jax import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Transformer, marian, runs, translation
+from transformer_jax.cli import export as export_cli
 from transformer_jax.errors import ConfigError
 
 torch = pytest.importorskip("torch")
@@ -66,8 +67,8 @@ def test_converted_weights_give_marians_logits():
 def test_generate_on_converted_weights_translates_as_we_do(beam_size):
   model, params, src = model_and_sources()
   max_len = SRC_LEN + EXTRA
-  ours = np.asarray(decode.translate(model, params, jnp.asarray(src), beam_size=beam_size, alpha=0.0,
-                                     max_extra_len=EXTRA))
+  ours = np.asarray(translation.translate(model, params, jnp.asarray(src), beam_size=beam_size,
+                                          alpha=0.0, max_extra_len=EXTRA))
   peer = marian.marian_model(params, model.config)
   generation = transformers.GenerationConfig(
       decoder_start_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, num_beams=beam_size,
@@ -124,15 +125,14 @@ def exported(tmp_path_factory):
   manager.wait_until_finished()
   manager.close()
   output = tmp_path_factory.mktemp("export") / "marian"
-  assert marian.export_main(["--workdir", str(workdir), "--output_dir", str(output)]) == 0
+  assert export_cli.main(["--workdir", str(workdir), "--output_dir", str(output)]) == 0
   return workdir, output
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_an_exported_run_translates_the_same_text_with_transformers(exported, beam_size):
-  from transformer_jax import evaluate
   workdir, output = exported
-  run = evaluate.load_run(str(workdir))
+  run = runs.load_run(str(workdir))
   model = transformers.MarianMTModel.from_pretrained(output).eval()
   tokenizer = transformers.MarianTokenizer.from_pretrained(output)
   assert model.generation_config.num_beams == run.config.decode.beam_size
@@ -142,17 +142,16 @@ def test_an_exported_run_translates_the_same_text_with_transformers(exported, be
   for row, sentence in zip(src, sentences):  # The same ids, through either tokenizer.
     ids = run.tokenizer.encode(sentence)
     assert list(row) == ids + [PAD_ID] * (len(row) - len(ids))
-  ours = np.asarray(decode.translate(run.setup.model, run.params, jnp.asarray(src),
-                                     beam_size=beam_size, alpha=0.0, max_extra_len=6))
+  ours = np.asarray(translation.translate(run.setup.model, run.params, jnp.asarray(src),
+                                          beam_size=beam_size, alpha=0.0, max_extra_len=6))
   with torch.no_grad():
     theirs = model.generate(**batch, num_beams=beam_size, max_new_tokens=src.shape[1] + 6).numpy()
   texts = [run.tokenizer.decode(t) for t in ours]
   assert tokenizer.batch_decode(theirs, skip_special_tokens=True) == texts
   assert len(set(texts)) > 1  # The outputs depend on the input.
 def test_an_exported_run_gives_our_logits(exported):
-  from transformer_jax import evaluate
   workdir, output = exported
-  run = evaluate.load_run(str(workdir))
+  run = runs.load_run(str(workdir))
   model = transformers.MarianMTModel.from_pretrained(output).eval()
   src = np.array([run.tokenizer.encode("the old dog went to the market")])
   tgt = np.array([run.tokenizer.encode("the red cat")])
@@ -166,9 +165,8 @@ def test_an_exported_run_gives_our_logits(exported):
 
 
 def test_importing_an_export_gives_back_the_same_parameters(exported):
-  from transformer_jax import evaluate
   workdir, output = exported
-  run = evaluate.load_run(str(workdir))
+  run = runs.load_run(str(workdir))
   fields = marian.model_fields(str(output))
   assert fields["vocab_size"] == run.setup.model_config.vocab_size  # PAD_ID..UNK_ID in place.
   cfg = dataclasses.replace(run.setup.model_config, logits_bias=True)

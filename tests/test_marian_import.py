@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from transformer_jax import PAD_ID, Transformer, decode, marian
+from transformer_jax import PAD_ID, Transformer, marian, translation
 from transformer_jax.config import TransformerConfig
 from transformer_jax.errors import ConfigError, MissingFileError
 from transformer_jax.tokenizer import MarianVocabTokenizer
@@ -125,8 +125,8 @@ def test_imported_model_translates_as_generate_does(marian_dir):
   batch = theirs_tokenizer(sentences, return_tensors="pt", padding=True)
   src = padded([tokenizer.encode(s) for s in sentences])
   assert (tokenizer.order[src] == batch["input_ids"].numpy()).all()
-  ours = np.asarray(decode.translate(Transformer(cfg), params, jnp.asarray(src), beam_size=1, alpha=0.0,
-                                     max_extra_len=8))
+  ours = np.asarray(translation.translate(Transformer(cfg), params, jnp.asarray(src), beam_size=1,
+                                          alpha=0.0, max_extra_len=8))
   model = transformers.MarianMTModel.from_pretrained(marian_dir).eval()
   with torch.no_grad():
     theirs = model.generate(**batch, num_beams=1, max_new_tokens=src.shape[1] + 8).numpy()
@@ -143,7 +143,8 @@ def write_corpus(directory, name, pairs):
 
 @pytest.mark.slow  # About a minute of training; the import's equality tests stay in the default run.
 def test_fine_tuning_an_imported_model_lowers_its_loss_and_translates(marian_dir, tmp_path):
-  from transformer_jax import evaluate, experiment
+  from transformer_jax import experiment, runs
+  from transformer_jax.cli import export as export_cli
   pairs = list(zip(ENGLISH, GERMAN))
   from test_config import parse  # As train.py's flags read `--config configs/marian.py:DIR`.
   config = parse(f"marian.py:{marian_dir}", "--config.train.num_steps=24")
@@ -166,13 +167,13 @@ def test_fine_tuning_an_imported_model_lowers_its_loss_and_translates(marian_dir
   # Resuming needs neither the Marian directory nor its weights: the run has its own copies.
   config.init_from = str(tmp_path / "deleted-download")
   assert experiment.train_and_evaluate(config, str(workdir))["step"] == metrics["step"]
-  run = evaluate.load_run(str(workdir))  # The copied tokenizer, in the workdir.
+  run = runs.load_run(str(workdir))  # The copied tokenizer, in the workdir.
   assert isinstance(run.tokenizer, MarianVocabTokenizer)
   ours = run.translate(ENGLISH[:6], beam_size=1, max_extra_len=8)
 
   # Served again with transformers: the fine-tuned model, exported, translates the same.
   output = tmp_path / "exported"
-  assert marian.export_main(["--workdir", str(workdir), "--output_dir", str(output)]) == 0
+  assert export_cli.main(["--workdir", str(workdir), "--output_dir", str(output)]) == 0
   tokenizer = transformers.MarianTokenizer.from_pretrained(output)
   model = transformers.MarianMTModel.from_pretrained(output).eval()
   batch = tokenizer(ENGLISH[:6], return_tensors="pt", padding=True)

@@ -80,7 +80,7 @@ def test_the_loss_over_packed_evaluation_batches_equals_the_bucketed_loss():
   """Validation packs its rows when training does; the loss, accuracy and token count must not
   depend on it, and the packed pass must have one batch shape (one program to compile)."""
   from tiny_run import fake_corpus as reversal_corpus, tiny_setup
-  from transformer_jax.steps import evaluate_loss
+  from transformer_jax.evaluate import evaluate_loss
   config, setup = tiny_setup(jax.devices()[:1])
   params = setup.init_state(0).params
   corpus = reversal_corpus()

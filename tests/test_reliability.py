@@ -18,9 +18,13 @@ import numpy as np
 import pytest
 
 from tiny_run import tiny_batches, tiny_setup
-from transformer_jax import checkpoints, errors, evaluate, trainer
+from transformer_jax import checkpoints, errors, trainer
+from transformer_jax.cli import evaluate as evaluate_cli
+from transformer_jax.cli import export as export_cli
+from transformer_jax.cli import translate as translate_cli
 from transformer_jax.config import base_config, validate_run_config
 from transformer_jax.data import pipeline
+from transformer_jax.runs import RunError, load_run
 from transformer_jax.tokenizer import train_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -271,7 +275,7 @@ def test_translate_names_a_damaged_checkpoint(runs, run_dir, damage, tmp_path, c
     save_nan_checkpoint(workdir, runs["config"], runs["setup"], 6)
   else:
     DAMAGE[damage](workdir / "checkpoints" / "6")
-  code = evaluate.translate_main(["--workdir", str(workdir), "--beam_size", "1", "the red cat"])
+  code = translate_cli.main(["--workdir", str(workdir), "--beam_size", "1", "the red cat"])
   err = capsys.readouterr().err
   if damage == "no data/metadata":
     assert code == 0, err  # Translation does not need the data position.
@@ -280,38 +284,38 @@ def test_translate_names_a_damaged_checkpoint(runs, run_dir, damage, tmp_path, c
   assert "translate: error: checkpoint 6 in" in err and "[2, 4, 6]" in err and "--step" in err, err
   assert "does not match its own config" not in err
   # The earlier checkpoint still translates.
-  assert evaluate.translate_main(["--workdir", str(workdir), "--step", "4", "--beam_size", "1",
-                                  "the red cat"]) == 0
+  assert translate_cli.main(["--workdir", str(workdir), "--step", "4", "--beam_size", "1",
+                             "the red cat"]) == 0
 
 
 def test_translate_names_the_file_and_line_of_bad_bytes(run_dir, tmp_path, capsys, monkeypatch):
   bad = tmp_path / "input.txt"
   bad.write_bytes(b"the red cat\nthe \xff dog\n")
-  assert evaluate.translate_main(["--workdir", str(run_dir), "--input", str(bad)]) == 2
+  assert translate_cli.main(["--workdir", str(run_dir), "--input", str(bad)]) == 2
   assert f"{bad}, line 2: invalid UTF-8 at byte 4" in capsys.readouterr().err
   utf16 = tmp_path / "utf16.txt"
   utf16.write_bytes("the red cat\n".encode("utf-16"))
-  assert evaluate.translate_main(["--workdir", str(run_dir), "--input", str(utf16)]) == 2
+  assert translate_cli.main(["--workdir", str(run_dir), "--input", str(utf16)]) == 2
   assert f"{utf16}, line 1: invalid UTF-8" in capsys.readouterr().err
   stdin = type("Stdin", (), {"buffer": __import__("io").BytesIO(b"ok\n\xc3(\n")})()
   monkeypatch.setattr(sys, "stdin", stdin)
-  assert evaluate.translate_main(["--workdir", str(run_dir)]) == 2
+  assert translate_cli.main(["--workdir", str(run_dir)]) == 2
   assert "standard input, line 2: invalid UTF-8" in capsys.readouterr().err
   # An argument holding bytes that are not UTF-8 (Python keeps them as surrogates).
-  assert evaluate.translate_main(["--workdir", str(run_dir), "ok", b"\xff".decode("utf-8", "surrogateescape")]) == 2
+  assert translate_cli.main(["--workdir", str(run_dir), "ok", b"\xff".decode("utf-8", "surrogateescape")]) == 2
   assert "sentence argument 2: invalid UTF-8" in capsys.readouterr().err
 
 
 def test_average_last_zero_is_refused(run_dir, capsys):
-  for main in (evaluate.translate_main, evaluate.evaluate_main):
+  for main, rest in ((translate_cli.main, ["x"]),
+                     (evaluate_cli.main, ["--source_file", "x", "--reference_file", "y"]),
+                     (export_cli.main, ["--output_dir", "y"])):
     with pytest.raises(SystemExit) as exit_info:
-      main(["--workdir", str(run_dir), "--average_last", "0", "--source_file", "x",
-            "--reference_file", "y"] if main is evaluate.evaluate_main else
-           ["--workdir", str(run_dir), "--average_last", "0", "x"])
+      main(["--workdir", str(run_dir), "--average_last", "0", *rest])
     assert exit_info.value.code == 2
     assert "--average_last: 0 is not a positive integer" in capsys.readouterr().err
-  with pytest.raises(evaluate.RunError, match="average_last=0"):
-    evaluate.load_run(str(run_dir), average_last=0)
+  with pytest.raises(RunError, match="average_last=0"):
+    load_run(str(run_dir), average_last=0)
 
 
 # ----------------------------------------------------------------------------- kill -9
@@ -355,14 +359,6 @@ def test_random_kill_9s_including_during_saves_never_change_the_result(tmp_path)
 
 
 # ----------------------------------------------------------------------------- time to quality
-
-
-def test_minutes_to_bleu_is_the_first_validation_pass_that_reached_each_threshold():
-  from transformer_jax.experiment import minutes_to_bleu
-  passes = [{"step": 250, "bleu_greedy": 4.0, "minutes": 4.1}, {"step": 500, "bleu_greedy": 12.5, "minutes": 8.0},
-            {"step": 750, "bleu_greedy": 11.0, "minutes": 12.2}, {"step": 1000, "bleu_greedy": 20.0, "minutes": 16.3}]
-  assert minutes_to_bleu(passes) == {"10": 8.0, "20": 16.3, "25": None}
-  assert minutes_to_bleu([]) == {"10": None, "20": None, "25": None}
 
 
 @pytest.mark.slow  # About a minute of training; test_trainer.py checks the average itself.

@@ -1,6 +1,7 @@
-"""Greedy and beam search (section 6.1), over a `tokens -> logits` callable, and the model glue.
+"""Greedy and beam search (section 6.1), over a `tokens -> logits` callable.
 
-The search functions know nothing about Flax. They drive a callable
+The search functions know nothing about Flax or the model (`translation` drives them with the
+Transformer's decoder). They drive a callable
 
   tokens_to_logits(tokens [N, 1] int32, cache, index int32 scalar) -> (logits [N, V] float32, cache)
 
@@ -26,11 +27,8 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 
-from transformer_jax.attention import ENCODER_CACHE, SELF_CACHE_LENGTH_AXIS
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID
-from transformer_jax.model import Transformer, init_cache
 from transformer_jax.topk import per_device_top_k
 
 Array = jax.Array
@@ -38,7 +36,6 @@ Cache = Any
 TokensToLogits = Callable[[Array, Cache, Array], tuple[Array, Cache]]
 
 NEG_INF = float("-inf")  # The log-probability of an impossible or empty hypothesis.
-FIRST_CACHE_LEN = 32  # Beam search's first self-attention cache length; see `translate`.
 
 
 class CacheGrowth(NamedTuple):
@@ -110,7 +107,8 @@ def _gather_beams(tree: Any, parent: Array) -> Any:
   return jax.tree.map(gather, tree)
 
 
-def _check_search_args(batch_size: int, max_len: int, beam_size: int = 1, alpha: float = 0.0):
+def check_search_args(batch_size: int, max_len: int, beam_size: int = 1, alpha: float = 0.0) -> None:
+  """Raises ValueError, naming the value, for search settings that cannot fix a program's shapes."""
   for name, value in (("batch_size", batch_size), ("max_len", max_len), ("beam_size", beam_size)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name}={value!r} must be a positive int (it fixes array shapes)")
@@ -152,7 +150,7 @@ def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: in
   Returns:
     [B, L] int32 generated tokens, PAD_ID after EOS_ID.
   """
-  _check_search_args(batch_size, max_len)
+  check_search_args(batch_size, max_len)
 
   def not_finished(state):
     i, _, _, done, _ = state
@@ -216,7 +214,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
       hold -inf. An example with no finished hypothesis at all returns its alive ones instead,
       scored with |Y| = L.
   """
-  _check_search_args(batch_size, max_len, beam_size, alpha)
+  check_search_args(batch_size, max_len, beam_size, alpha)
   B, K, L = batch_size, beam_size, max_len
   max_penalty = length_penalty(L, alpha)
 
@@ -280,53 +278,6 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
   return sequences, scores
 
 
-# Model glue: the Transformer as a tokens -> logits callable.
-
-
-def cached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
-                   max_len: int) -> tuple[TokensToLogits, Cache]:
-  """The decoder as a `tokens_to_logits` step against its key/value cache.
-
-  The encoder-decoder attention's keys and values (its projection of `encoded`) are computed
-  once (`init_cache`) and held by the step itself, once per example: beam search never repeats
-  or reorders them, and the step folds an example's K beams into K times as many queries
-  against them. The cache the search carries holds only the self-attention keys and values,
-  which do follow the beams. The step accepts any N that is a multiple of B.
-
-  Args:
-    model: the Transformer.
-    params: its parameters.
-    encoded: [B, S, D] encoder output of `src`.
-    src: [B, S] source tokens (their padding masks encoder-decoder attention).
-    max_len: L, the number of output positions the cache holds.
-
-  Returns:
-    tokens_to_logits, and its initial cache (every leaf [B, ...]).
-  """
-  flat = traverse_util.flatten_dict(init_cache(model, params, encoded, src, max_len))
-  encoder_kv = {path: x for path, x in flat.items() if path[-1] in ENCODER_CACHE}
-  self_cache = traverse_util.unflatten_dict({p: x for p, x in flat.items() if p not in encoder_kv})
-
-  def tokens_to_logits(tokens: Array, cache: Cache, index: Array) -> tuple[Array, Cache]:
-    copies = tokens.shape[0] // src.shape[0]
-    full = traverse_util.unflatten_dict({**traverse_util.flatten_dict(cache), **encoder_kv})
-    logits, variables = model.apply(
-        {"params": params, "cache": full}, encoded, expand_to_beams(src, copies), tokens,
-        decode_index=index, method=Transformer.decode, mutable=["cache"])
-    updated = traverse_util.flatten_dict(variables["cache"])
-    return never_generated(logits[:, 0]), traverse_util.unflatten_dict(
-        {p: x for p, x in updated.items() if p not in encoder_kv})
-
-  return tokens_to_logits, self_cache
-
-
-def grow_self_cache(cache: Cache, length: int) -> Cache:
-  """`cached_decoder`'s cache padded to `length` output positions (`CacheGrowth.grow`)."""
-  axis = SELF_CACHE_LENGTH_AXIS
-  return jax.tree.map(lambda x: jnp.pad(x, [(0, length - x.shape[axis]) if d == axis else (0, 0)
-                                            for d in range(x.ndim)]), cache)
-
-
 def never_generated(logits: Array) -> Array:
   """[..., V] logits with PAD_ID and BOS_ID made impossible: a translation never contains them.
 
@@ -334,67 +285,3 @@ def never_generated(logits: Array) -> Array:
   this makes it a rule, for any weights, as Marian's generation config does for its padding.
   """
   return logits.at[..., jnp.array([PAD_ID, BOS_ID])].set(NEG_INF)
-
-
-def check_output_length(model: Transformer, max_len: int):
-  cfg = model.config
-  if cfg.positional_encoding == "learned" and max_len > cfg.max_len:
-    raise ValueError(
-        f"output length {max_len} exceeds the {cfg.max_len} learned positions (config max_len); "
-        f"use a smaller max_extra_len or shorter sources")
-
-
-def translate(model: Transformer, params: Any, src: Array, *, beam_size: int, alpha: float,
-              max_extra_len: int = 50, first_cache_len: int | None = None) -> Array:
-  """Translates a batch of sources: encode once, then cached beam search (section 6.1).
-
-  The output may hold up to S + max_extra_len tokens, S being the padded source length. With
-  beam_size 1 it decodes greedily and alpha plays no part.
-
-  Args:
-    model: the Transformer.
-    params: its parameters.
-    src: [B, S] int32 source tokens, PAD_ID after the end.
-    beam_size: K; the paper uses 4.
-    alpha: the length penalty, see `length_penalty`; the paper uses 0.6.
-    max_extra_len: how many tokens the output may exceed the source by; the paper uses 50.
-    first_cache_len: the self-attention cache starts with this many positions and doubles when
-      the output reaches them (`doubling_lengths`), up to S + max_extra_len. Default: 32 for beam
-      search, which reorders its cache at every step; greedy search keeps the whole length, as
-      each stage is compiled apart and its cache costs little (BENCHMARKS.md, "Decoding").
-
-  Returns:
-    [B, S + max_extra_len] int32 tokens of the best hypothesis, PAD_ID after EOS_ID.
-  """
-  batch_size, src_len = src.shape
-  max_len = src_len + max_extra_len
-  check_output_length(model, max_len)
-  encoded = model.apply({"params": params}, src, method=Transformer.encode)
-  if first_cache_len is None:
-    first_cache_len = FIRST_CACHE_LEN if beam_size > 1 else max_len
-  lengths = doubling_lengths(max_len, first_cache_len)
-  tokens_to_logits, cache = cached_decoder(model, params, encoded, src, lengths[0])
-  growth = CacheGrowth(lengths, grow_self_cache)
-  if beam_size == 1:
-    return greedy_search(tokens_to_logits, cache, batch_size, max_len, growth)
-  sequences, _ = beam_search(tokens_to_logits, cache, batch_size, beam_size, max_len, alpha, growth)
-  return sequences[:, 0]
-
-
-def make_translate_fn(model: Transformer, beam_size: int, alpha: float, max_extra_len: int = 50,
-                      first_cache_len: int | None = None) -> Callable[[Any, Array], Array]:
-  """`translate` compiled with `jax.jit`: `(params, src [B, S]) -> tokens [B, S + max_extra_len]`.
-
-  It compiles once per source shape; batching sources into a few padded lengths keeps the number
-  of compilations small.
-  """
-  _check_search_args(1, 1, beam_size, alpha)
-  if not isinstance(max_extra_len, int) or max_extra_len < 0:
-    raise ValueError(f"max_extra_len={max_extra_len!r} must be an int >= 0")
-
-  @jax.jit
-  def translate_fn(params: Any, src: Array) -> Array:
-    return translate(model, params, src, beam_size=beam_size, alpha=alpha,
-                     max_extra_len=max_extra_len, first_cache_len=first_cache_len)
-
-  return translate_fn

@@ -8,7 +8,6 @@ chrF of beam-search translations, a few of them printed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -18,32 +17,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from transformer_jax import checkpoints, cpu, evaluate, hosts, marian, paths, sharding, trainer
-from transformer_jax.config import decode_tokens_per_batch, validate_run_config
+from transformer_jax import checkpoints, cpu, hosts, marian, paths, sharding, trainer
+from transformer_jax.config import validate_run_config
 from transformer_jax.data import pipeline, sources, token_cache
 from transformer_jax.errors import ConfigError, DataError
-from transformer_jax.steps import Setup, evaluate_loss, make_setup
+from transformer_jax.evaluate import (Split, choose_test_params, eval_batches, evaluate_loss,
+                                      minutes_to_bleu, translation_metrics)
+from transformer_jax.steps import make_setup
 from transformer_jax.tokenizer import (MARIAN_TOKENIZER_DIR, SPECIAL_IDS_FILE, MarianVocabTokenizer,
                                       load_or_train_tokenizer)
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class Split:
-  """One split of the corpus, tokenized, and the examples that fit `data.max_len`."""
-
-  name: str
-  raw: Any  # data.sources.ParallelData
-  corpus: token_cache.TokenizedCorpus
-  indices: np.ndarray
-
-  def references(self, indices: np.ndarray | None = None) -> list[str]:
-    indices = self.indices if indices is None else indices
-    return [self.raw.examples[int(i)][self.raw.target_lang].decode("utf-8") for i in indices]
-
-  def sources(self, indices: np.ndarray) -> list[str]:
-    return [self.raw.examples[int(i)][self.raw.source_lang].decode("utf-8") for i in indices]
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: str, train_data):
@@ -115,30 +99,6 @@ def load_split(config: ml_collections.ConfigDict, workdir: str, name: str, token
   return Split(name, raw, corpus, indices)
 
 
-def translation_metrics(setup: Setup, params: Any, config: ml_collections.ConfigDict, split: Split,
-                        tokenizer, indices: np.ndarray | None = None, beam_size: int | None = None,
-                        tokenized_bleu: bool = False) -> tuple[dict[str, Any], list[str]]:
-  """sacreBLEU and chrF of the model's translations of `split` (or of its `indices`), and the
-  paper's tokenized BLEU if asked (the test reports it; validation passes do not need it)."""
-  indices = split.indices if indices is None else indices
-  hypotheses = evaluate.translate_corpus(
-      setup, params, split.corpus, indices, tokenizer,
-      tokens_per_batch=decode_tokens_per_batch(config), max_len=config.data.max_len,
-      beam_size=config.decode.beam_size if beam_size is None else beam_size,
-      alpha=config.decode.length_penalty, max_extra_len=config.decode.max_extra_len)
-  target_lang = split.raw.target_lang if tokenized_bleu else None
-  return evaluate.score(hypotheses, split.references(indices), target_lang), hypotheses
-
-
-def eval_batches(config: ml_collections.ConfigDict, setup: Setup, split: Split) -> pipeline.EpochBatches:
-  """Every example of the split exactly once (never dropped), for the loss: packed into rows of
-  `data.max_len` when training packs (one batch shape: the quick start's first validation pass
-  compiled 9 programs for its 9 bucket shapes), otherwise bucketed by length and padded."""
-  return pipeline.EpochBatches.single_pass(
-      split.corpus, split.indices, tokens_per_batch=config.data.tokens_per_batch,
-      max_len=config.data.max_len, packing=config.data.packing, **sharding.row_split(setup.mesh))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The main job: prepare the data and the tokenizer, train (or resume), then evaluate on the
   test split (loss, perplexity, sacreBLEU, chrF) and print a few translations.
@@ -195,8 +155,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 "resumes; the test set is evaluated once training has finished.", step)
     return {"preempted": True, "step": step}
 
-  params, chosen = test_params(config, workdir, setup, state.params, step, validation, tokenizer,
-                               bleu_sample)
+  params, chosen = choose_test_params(config, workdir, setup, state.params, step, validation,
+                                      tokenizer, bleu_sample)
   test = load_split(config, workdir, "test", tokenizer)
   metrics = evaluate_loss(setup, params, eval_batches(config, setup, test))
   start = time.perf_counter()
@@ -223,42 +183,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                                   test.references()))[:config.train.samples_to_print]:
       print(f"\n  source:     {source}\n  translation: {hypothesis}\n  reference:  {reference}")
   return metrics
-
-
-def test_params(config: ml_collections.ConfigDict, workdir, setup: Setup, final: Any, step: int,
-                validation: Split, tokenizer, bleu_sample: np.ndarray) -> tuple[Any, dict[str, Any]]:
-  """The parameters the test translates with: the final ones, or the average of the last
-  `train.checkpoints_to_average` checkpoints (section 6.1) if that scores a higher greedy BLEU on
-  the validation sample (chosen on validation, never on the test). Returns them and a record of
-  the choice for the test metrics."""
-  steps = checkpoints.saved_steps(workdir)[-config.train.checkpoints_to_average:]
-  if config.train.checkpoints_to_average < 2 or len(steps) < 2 or not len(bleu_sample):
-    return final, {"test_params": f"step {step}"}
-  manager = checkpoints.make_manager(workdir, config.train)
-  try:
-    averaged = checkpoints.average(manager, setup, steps=steps)
-  finally:
-    manager.close()
-  bleu = {}
-  for name, params in (("final", final), ("average", averaged)):
-    bleu[name] = translation_metrics(setup, params, config, validation, tokenizer, bleu_sample,
-                                     beam_size=1)[0]["bleu"]
-  use_average = bleu["average"] > bleu["final"]
-  chosen = f"average of steps {steps}" if use_average else f"step {step}"
-  log.info("Validation greedy BLEU: final parameters %.2f, average of checkpoints %s %.2f; the test "
-           "uses the %s.", bleu["final"], steps, bleu["average"], "average" if use_average else "final")
-  return (averaged if use_average else final), {
-      "test_params": chosen, "validation_bleu_final": bleu["final"], "validation_bleu_average": bleu["average"]}
-
-
-def minutes_to_bleu(validation: list[dict], thresholds=(10, 20, 25)) -> dict[str, float | None]:
-  """MLPerf-style time to quality: the run's minutes at the first validation pass whose greedy
-  BLEU reached each threshold (None: never)."""
-  reached = {}
-  for threshold in thresholds:
-    first = next((r for r in validation if r.get("bleu_greedy", -1) >= threshold and "minutes" in r), None)
-    reached[str(threshold)] = None if first is None else first["minutes"]
-  return reached
 
 
 def _log_padding(batches: pipeline.EpochBatches) -> None:

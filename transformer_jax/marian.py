@@ -18,24 +18,25 @@ bias, its own special ids) becomes ours with `model.activation`, `model.logits_b
 `model.layer_norm_epsilon` set (`model_fields`) and its vocabulary reordered so that our fixed
 special ids keep their meaning (`tokenizer.marian_vocabulary_order`).
 
+A mapping only: it reads and writes parameter trees and Hugging Face directories, and knows
+nothing of runs (`export` writes a trained run with it).
+
 Shapes: D d_model, N heads, K head size, F d_ff, V vocabulary. Marian stores `nn.Linear` weights
 as [out, in]; ours are einsum kernels [in, ..., out].
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 from typing import Any
 
 import numpy as np
 
 from transformer_jax.config import TransformerConfig
-from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from transformer_jax.errors import CheckpointError, ConfigError, MissingFileError, run_command
+from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID
+from transformer_jax.errors import CheckpointError, ConfigError, MissingFileError
 from transformer_jax.tokenizer import MarianVocabTokenizer
 
 log = logging.getLogger(__name__)
@@ -278,77 +279,3 @@ def marian_model(params: Any, cfg: TransformerConfig, max_positions: int = 1024)
   if left or unexpected:
     raise RuntimeError(f"MarianMTModel parameters not matched: missing {left}, unexpected {unexpected}")
   return model.eval()
-
-
-def export(workdir: str, output_dir: str, *, average_last: int = 1, step: int | None = None) -> str:
-  """Writes a trained run as a directory that `MarianMTModel.from_pretrained` and
-  `MarianTokenizer.from_pretrained` load: safetensors weights, config, generation config (the
-  run's beam size; no length penalty, since Marian's divides by |Y|^alpha where ours is GNMT's;
-  PAD_ID and BOS_ID never generated, as in `decode.never_generated`), and the tokenizer as Marian
-  lays it out (our one SentencePiece model as both `source.spm` and `target.spm`, or the Marian
-  model's two for a run fine-tuned from one, and a `vocab.json` that maps each piece to our id).
-
-  Args:
-    workdir: the run's directory.
-    output_dir: where to write (created).
-    average_last, step: which checkpoints, as for `evaluate.load_run`.
-
-  Returns:
-    `output_dir`.
-  """
-  import transformers  # The [hf] extra.
-
-  from transformer_jax import evaluate  # It loads runs, and imports most of the package.
-
-  run = evaluate.load_run(workdir, average_last=average_last, step=step)
-  cfg = run.setup.model_config
-  if cfg.layer_norm_epsilon != MARIAN_LAYER_NORM_EPSILON:
-    log.warning(
-        "model.layer_norm_epsilon=%g, Marian's is fixed at %g: logits will differ by about 1e-5.",
-        cfg.layer_norm_epsilon, MARIAN_LAYER_NORM_EPSILON)
-  max_length = int(run.config.data.max_len) + int(run.config.decode.max_extra_len) + 1
-  model = marian_model(run.params, cfg, max_positions=max(1024, max_length))
-  model.generation_config = transformers.GenerationConfig(
-      decoder_start_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-      num_beams=int(run.config.decode.beam_size), length_penalty=0.0, early_stopping=False,
-      max_length=max_length, do_sample=False, bad_words_ids=[[PAD_ID], [BOS_ID]])
-  os.makedirs(output_dir, exist_ok=True)
-  model.save_pretrained(output_dir)
-  for name, data in run.tokenizer.spm_files().items():
-    with open(os.path.join(output_dir, name), "wb") as f:
-      f.write(data)
-  pieces = run.tokenizer.pieces()
-  vocab = {piece: i for i, piece in enumerate(pieces)}
-  with open(os.path.join(output_dir, "vocab.json"), "w", encoding="utf-8") as f:
-    json.dump(vocab, f, ensure_ascii=False)
-  with open(os.path.join(output_dir, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "MarianTokenizer", "source_lang": run.config.data.source_lang,
-               "target_lang": run.config.data.target_lang, "separate_vocabs": False,
-               "pad_token": pieces[PAD_ID], "eos_token": pieces[EOS_ID],
-               "unk_token": pieces[UNK_ID], "additional_special_tokens": [pieces[BOS_ID]],
-               "model_max_length": max_length}, f, indent=2)
-  return output_dir
-
-
-def export_main(argv=None) -> int:
-  """`transformer-export`: a trained run as a Hugging Face MarianMTModel directory."""
-  from transformer_jax.evaluate import positive_int
-
-  parser = argparse.ArgumentParser(prog="transformer-export", description=export_main.__doc__)
-  parser.add_argument("--workdir", required=True, help="the training run's directory")
-  parser.add_argument("--output_dir", required=True, help="where to write the Marian model")
-  parser.add_argument("--average_last", type=positive_int, default=1,
-                      help="average the last N checkpoints")
-  parser.add_argument("--step", type=int, help="use this checkpoint instead of the last")
-  args = parser.parse_args(argv)
-
-  def body() -> None:
-    export(args.workdir, args.output_dir, average_last=args.average_last, step=args.step)
-    print(f"wrote {args.output_dir}: load it with transformers.MarianMTModel.from_pretrained and "
-          "MarianTokenizer.from_pretrained")
-
-  return run_command(parser.prog, body)
-
-
-def export_main_entry() -> None:
-  sys.exit(export_main())
