@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_config
 from transformer_jax.layers import (Dropout, FeedForward, PositionalEncoding, SharedEmbedding,
-                                    dense_product, project_to_vocabulary, sinusoidal_encoding)
+                                    sinusoidal_encoding)
 
 
 def test_sinusoidal_encoding_equals_the_papers_formula():
@@ -54,41 +54,6 @@ def test_shared_embedding_scales_by_sqrt_d_model_and_attends_with_the_same_matri
   logits = module.apply({"params": params}, jnp.asarray(h), method=SharedEmbedding.attend)
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits[0], h[0] @ matrix.T, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_vocabulary_projection_has_the_gradients_of_the_plain_product(dtype):
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 5, 8)), dtype)
-  w = jnp.asarray(rng.normal(size=(11, 8)), dtype)
-  weights = jnp.asarray(rng.normal(size=(2, 5, 11)), jnp.float32)  # A loss that weighs every logit.
-  plain = lambda x, w: jnp.einsum("BLD,VD->BLV", x, w, preferred_element_type=jnp.float32)
-  loss = lambda f: lambda x, w: jnp.sum(jnp.tanh(f(x, w)) * weights)
-  gradients = lambda f: jax.jit(jax.grad(loss(f), (0, 1)))(x, w)  # Compiled, as in a train step.
-  ours, expected = gradients(project_to_vocabulary), gradients(plain)
-  np.testing.assert_array_equal(project_to_vocabulary(x, w), plain(x, w))
-  tolerance = 1e-6 if dtype == jnp.float32 else 2e-2  # bfloat16: the logit gradient is rounded first.
-  for a, b in zip(ours, expected):
-    assert a.dtype == b.dtype == dtype
-    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tolerance, atol=tolerance)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("widths", [(8, 24), (24, 8)])  # Either operand the narrower one.
-def test_dense_product_has_the_gradients_of_the_plain_product(dtype, widths):
-  p, q = widths
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 5, p)), dtype)
-  w = jnp.asarray(rng.normal(size=(p, q)), dtype)
-  weights = jnp.asarray(rng.normal(size=(2, 5, q)), dtype)
-  plain = lambda x, w: x @ w
-  loss = lambda f: lambda x, w: jnp.sum(jnp.tanh(f(x, w).astype(jnp.float32)) * weights)
-  gradients = lambda f: jax.jit(jax.grad(loss(f), (0, 1)))(x, w)  # Compiled, as in a train step.
-  np.testing.assert_array_equal(dense_product(x, w), plain(x, w))
-  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
-  for a, b in zip(gradients(dense_product), gradients(plain)):
-    assert a.dtype == b.dtype == dtype
-    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tolerance, atol=tolerance)
 
 
 def test_feed_forward_is_relu_between_two_linear_maps():

@@ -9,6 +9,7 @@ import pytest
 from conftest import init_params, random_tokens, tiny_config
 from transformer_jax import PAD_ID, Transformer, TransformerConfig, init_cache
 from transformer_jax.losses import compute_metrics
+from transformer_jax.steps import batch_metrics
 from transformer_jax.model import shift_right
 
 B, S, T = 3, 7, 6
@@ -135,7 +136,7 @@ def test_packed_rows_keep_examples_apart():
 
 @pytest.mark.parametrize("logits_bias", [False, True])
 def test_metrics_without_the_logits_equal_the_metrics_of_the_logits(logits_bias):
-  """`Transformer.metrics` (the train and eval steps' loss) against `compute_metrics` of the
+  """`steps.batch_metrics` (the train and eval steps' loss) against `compute_metrics` of the
   logits, on packed rows with padding: the same sums, and the loss's gradients of every
   parameter."""
   config = tiny_config(logits_bias=logits_bias)
@@ -150,8 +151,7 @@ def test_metrics_without_the_logits_equal_the_metrics_of_the_logits(logits_bias)
 
   def both(params):
     plain = compute_metrics(model.apply({"params": params}, src, tgt, **packing), tgt, 0.1)
-    ours = model.apply({"params": params}, src, tgt, label_smoothing=0.1, chunks=3,
-                       method=Transformer.metrics, **packing)
+    ours = batch_metrics(model, params, {"src": src, "tgt": tgt, **packing}, 0.1, 3, train=False)
     return plain, ours
 
   plain, ours = jax.jit(both)(params)

@@ -53,6 +53,9 @@ class TransformerConfig:
     activation: the feed-forward network's non-linearity: "relu" (section 3.3), or "swish" and
       "gelu" (exact, erf-based), which published Marian translation models use.
     logits_bias: a learned bias on the output logits (Marian has one; the paper does not).
+    cpu_kernels: speed only, no change of values: the feed-forward layers' and the loss's
+      products with the backward forms of `kernels.py`, which XLA:CPU runs faster (elsewhere they
+      are autodiff's products). False: flax's and autodiff's own.
   """
 
   vocab_size: int = 37000
@@ -72,6 +75,7 @@ class TransformerConfig:
   layer_norm_epsilon: float = 1e-6
   activation: Literal["relu", "swish", "gelu"] = "relu"
   logits_bias: bool = False
+  cpu_kernels: bool = True
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "d_ff", "num_heads", "num_layers", "max_len"):
@@ -95,8 +99,9 @@ class TransformerConfig:
     check_choice("dtype", self.dtype, DTYPES)
     check_choice("param_dtype", self.param_dtype, DTYPES)
     check_choice("activation", self.activation, ACTIVATIONS)
-    if not isinstance(self.logits_bias, bool):
-      raise ConfigError(f"logits_bias={self.logits_bias!r} must be True or False")
+    for name in ("logits_bias", "cpu_kernels"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False")
     if self.attention_impl != "einsum" and self.head_dim_k != self.head_dim_v:
       raise ConfigError(
           f"attention_impl={self.attention_impl!r} needs d_k == d_v, got d_k={self.head_dim_k} and "

@@ -6,6 +6,8 @@ Shapes: B batch, L length, D d_model, F d_ff, V vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -15,6 +17,7 @@ from jax import lax
 from transformer_jax.config import TransformerConfig
 
 Array = jax.Array
+DotGeneral = Callable[..., Array]
 
 
 def sinusoidal_encoding(positions: Array, d_model: int) -> Array:
@@ -68,97 +71,12 @@ class SharedEmbedding(nn.Module):
 
   def attend(self, x: Array) -> Array:
     """The pre-softmax linear layer: [B, L, D] -> [B, L, V] logits, accumulated in float32."""
-    return project_to_vocabulary(x.astype(self.config.compute_dtype), self.output_table())
+    return jnp.einsum("BLD,VD->BLV", x.astype(self.config.compute_dtype), self.output_table(),
+                      preferred_element_type=jnp.float32)
 
   def output_table(self) -> Array:
     """The matrix as the pre-softmax projection uses it: [V, D], in the compute dtype."""
     return jnp.asarray(self.embedding).astype(self.config.compute_dtype)
-
-
-def weight_gradient(x: Array, g: Array) -> Array:
-  """x^T g for x [M, P] and g [M, Q]: a dense layer's weight gradient, [P, Q].
-
-  XLA:CPU gives a product to its fast kernels (YNNPACK) only when the left operand is contracted
-  over its last axis; x^T g as autodiff writes it contracts the first, and XLA then runs it in
-  Eigen's kernels, 2 to 3 times slower on one core for the quick start's feed-forward layers
-  ([4,096 x 256]^T [4,096 x 1,024]: 45 GFLOP/s against 87 on an AMD Zen 3). On a CPU the narrower
-  operand is therefore transposed first (a copy of M x min(P, Q) floats), behind an optimization
-  barrier so that XLA does not fold the transpose back into the product; elsewhere the product
-  is left to the compiler, which takes transposed operands as they are.
-  """
-
-  def on_cpu(x, g):
-    if x.shape[1] <= g.shape[1]:
-      return lax.optimization_barrier(x.T) @ g
-    return lax.optimization_barrier(lax.optimization_barrier(g.T) @ x).T
-
-  return lax.platform_dependent(x, g, cpu=on_cpu, default=lambda x, g: x.T @ g)
-
-
-@jax.custom_vjp
-def project_to_vocabulary(x: Array, w: Array) -> Array:
-  """[B, L, D] x [V, D] -> [B, L, V] float32 logits: x w^T.
-
-  Autodiff's backward would compute the weight gradient as g^T x with the [B, L, V] logit gradient
-  g as the left operand, and XLA on a CPU then writes g out transposed first: a copy of the largest
-  array of the step (V x B x L floats, 131 MB for the quick start). Written as (x^T g)^T, the same
-  product leads XLA to transpose x instead (D x B x L floats, 4 MB): the quick start's step is
-  1.08x faster on an AMD Zen 4 (BENCHMARKS.md, "Train step"). The weight gradient is
-  `weight_gradient`'s, as for the feed-forward layers. The gradients are the same products, with g
-  rounded to the compute dtype as in any mixed-precision backward.
-  """
-  return jnp.einsum("BLD,VD->BLV", x, w, preferred_element_type=jnp.float32)
-
-
-def _project_forward(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
-  return project_to_vocabulary(x, w), (x, w)
-
-
-def _project_backward(saved: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-  x, w = saved
-  g = g.astype(x.dtype)
-  # Products in the compute dtype (accumulated in float32 by the backends): XLA:CPU folds the
-  # transpose into the product, and has no such product of bfloat16 operands with a float32 result.
-  dx = jnp.einsum("BLV,VD->BLD", g, w)
-  dw_t = weight_gradient(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))  # [D, V]
-  return dx, dw_t.T.astype(w.dtype)
-
-
-project_to_vocabulary.defvjp(_project_forward, _project_backward)
-
-
-@jax.custom_vjp
-def dense_product(x: Array, w: Array) -> Array:
-  """[..., P] x [P, Q] -> [..., Q], whose backward computes the weight gradient with
-  `weight_gradient`: the feed-forward layers' product (`FeedForward`, through `dense_dot_general`).
-  The small train step is 1.06x to 1.16x faster on an AMD Zen 3, base 1.03x to 1.04x
-  (BENCHMARKS.md, "Train step")."""
-  return jnp.einsum("...p,pq->...q", x, w)
-
-
-def _dense_forward(x: Array, w: Array) -> tuple[Array, tuple[Array, Array]]:
-  return dense_product(x, w), (x, w)
-
-
-def _dense_backward(saved: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-  x, w = saved
-  dx = jnp.einsum("...q,pq->...p", g, w)
-  dw = weight_gradient(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]))
-  return dx, dw.astype(w.dtype)
-
-
-dense_product.defvjp(_dense_forward, _dense_backward)
-
-
-def dense_dot_general(x: Array, w: Array, dimension_numbers, precision=None,
-                      preferred_element_type=None) -> Array:
-  """`nn.Dense`'s `dot_general`: `dense_product` for the product Dense makes (x's last axis with
-  the kernel's first), `lax.dot_general` for anything else. The parameters stay Dense's own."""
-  if (dimension_numbers == (((x.ndim - 1,), (0,)), ((), ())) and w.ndim == 2
-      and precision is None and preferred_element_type is None):
-    return dense_product(x, w)
-  return lax.dot_general(x, w, dimension_numbers, precision=precision,
-                         preferred_element_type=preferred_element_type)
 
 
 class PositionalEncoding(nn.Module):
@@ -180,14 +98,19 @@ class PositionalEncoding(nn.Module):
     return x + pe.astype(x.dtype)
 
 
-ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish, "gelu": lambda x: nn.gelu(x, approximate=False)}
+NONLINEARITIES = {"relu": nn.relu, "swish": nn.swish, "gelu": lambda x: nn.gelu(x, approximate=False)}
 
 
 class FeedForward(nn.Module):
   """Position-wise feed-forward network, section 3.3: max(0, x W1 + b1) W2 + b2, with ReLU
-  (`config.activation` may swap it for swish or GELU)."""
+  (`config.activation` may swap it for swish or GELU).
+
+  `dot_general` is the product of its two `nn.Dense` layers (`lax.dot_general` by default);
+  the model may pass one with a faster backward (`kernels.dense_dot_general`).
+  """
 
   config: TransformerConfig
+  dot_general: DotGeneral = lax.dot_general
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -197,8 +120,8 @@ class FeedForward(nn.Module):
         features, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
         kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-        dot_general=dense_dot_general, name=name)
-    h = ACTIVATIONS[cfg.activation](dense(cfg.d_ff, ("embed", "mlp"), "wi")(x))  # [B, L, F]
+        dot_general=self.dot_general, name=name)
+    h = NONLINEARITIES[cfg.activation](dense(cfg.d_ff, ("embed", "mlp"), "wi")(x))  # [B, L, F]
     h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
     return dense(cfg.d_model, ("mlp", "embed"), "wo")(h)
 

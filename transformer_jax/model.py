@@ -21,12 +21,13 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 from flax import traverse_util
+from jax import lax
 
+from transformer_jax import kernels
 from transformer_jax.attention import SELF_CACHE, MultiHeadAttention, causal_mask, segment_mask
 from transformer_jax.config import TransformerConfig
 from transformer_jax.constants import BOS_ID, PAD_ID
 from transformer_jax.layers import Dropout, FeedForward, PositionalEncoding, SharedEmbedding, layer_norm
-from transformer_jax.losses import vocabulary_metrics
 
 Array = jax.Array
 
@@ -57,19 +58,20 @@ class Transformer(nn.Module):
                                 src_positions=src_positions, tgt_segments=tgt_segments,
                                 tgt_positions=tgt_positions, train=train)
 
-  def metrics(self, src: Array, tgt: Array, *, label_smoothing: float, chunks: int = 1,
-              weights: Array | None = None, src_segments: Array | None = None,
-              src_positions: Array | None = None, tgt_segments: Array | None = None,
-              tgt_positions: Array | None = None, train: bool = False) -> dict[str, Array]:
-    """`compute_metrics(self(src, tgt, ...), tgt, label_smoothing, weights)`, the summed loss,
-    nll, correct predictions and tokens, without the [B, T, V] logits: the pre-softmax projection
-    and the loss run over `chunks` slices of the target length (`losses.vocabulary_metrics`; only
-    the loss has a gradient). The train and eval steps use this."""
-    head = lambda y, table, bias: vocabulary_metrics(y, table, tgt, label_smoothing, bias=bias,
-                                                      weights=weights, chunks=chunks)
-    return self._teacher_forced(src, tgt, head, src_segments=src_segments,
-                                src_positions=src_positions, tgt_segments=tgt_segments,
-                                tgt_positions=tgt_positions, train=train)
+  def features(self, src: Array, tgt: Array, *, src_segments: Array | None = None,
+               src_positions: Array | None = None, tgt_segments: Array | None = None,
+               tgt_positions: Array | None = None, train: bool = False
+               ) -> tuple[Array, Array, Array | None]:
+    """The teacher-forced pass up to the pre-softmax projection, for a loss that projects the
+    decoder's output itself (`steps.batch_metrics`): `self(src, tgt)` is y table^T + bias.
+
+    Returns:
+      y [B, T, D] (the last decoder layer's output, in the compute dtype), table [V, D] (the shared
+      embedding in the compute dtype) and bias [V] (the logits bias, or None).
+    """
+    return self._teacher_forced(src, tgt, lambda y, table, bias: (y, table, bias),
+                                src_segments=src_segments, src_positions=src_positions,
+                                tgt_segments=tgt_segments, tgt_positions=tgt_positions, train=train)
 
   def _teacher_forced(self, src, tgt, head, *, src_segments, src_positions, tgt_segments,
                       tgt_positions, train):
@@ -157,7 +159,7 @@ class Decoder(nn.Module):
 
     With `head`, returns `head(y, table, bias)` instead: the last layer's output y [B, T, D] and
     the pre-softmax projection's weights (the embedding matrix [V, D] in the compute dtype, and the
-    logits bias [V] or None), for a loss that never holds all the logits (`Transformer.metrics`).
+    logits bias [V] or None), for a loss that never holds all the logits (`Transformer.features`).
     """
     cfg = self.config
     y = PositionalEncoding(cfg, name="positions")(self.embed(tgt_in), positions)
@@ -195,7 +197,7 @@ class EncoderLayer(nn.Module):
     cfg = self.config
     x = residual(cfg, x, lambda y: MultiHeadAttention(cfg, name="self_attention")(y, y, mask),
                  "self_attention", train)
-    x = residual(cfg, x, FeedForward(cfg, name="feed_forward"), "feed_forward", train)
+    x = residual(cfg, x, feed_forward(cfg), "feed_forward", train)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
@@ -215,8 +217,19 @@ class DecoderLayer(nn.Module):
                  "self_attention", train)
     y = residual(cfg, y, lambda z: cross_attn(z, encoded, cross_mask, decode_index=decode_index),
                  "cross_attention", train)
-    y = residual(cfg, y, FeedForward(cfg, name="feed_forward"), "feed_forward", train)
+    y = residual(cfg, y, feed_forward(cfg), "feed_forward", train)
     return nn.with_logical_constraint(y, ("batch", "length", "embed"))
+
+
+def feed_forward(cfg: TransformerConfig) -> FeedForward:
+  """The position-wise feed-forward network (section 3.3) of a layer.
+
+  The model's one switch to a speed kernel: with `config.cpu_kernels` (the default) its two
+  products take `kernels.dense_dot_general`, whose backward XLA:CPU runs faster; the parameters,
+  values and gradients are those of plain `nn.Dense` layers.
+  """
+  dot_general = kernels.dense_dot_general if cfg.cpu_kernels else lax.dot_general
+  return FeedForward(cfg, dot_general=dot_general, name="feed_forward")
 
 
 def residual(cfg: TransformerConfig, x: Array, sublayer: Callable[[Array], Array], name: str,
