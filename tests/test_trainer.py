@@ -18,7 +18,7 @@ import pytest
 import tiny_run
 from tiny_run import tiny_batches, tiny_setup
 from transformer_jax import base_config, checkpoints, errors, steps, trainer
-from transformer_jax.optim import learning_rate_schedule
+from transformer_jax.optim import find_cooldown, learning_rate_schedule
 from transformer_jax.data import pipeline, token_cache
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -111,14 +111,13 @@ def test_the_cooldown_takes_the_learning_rate_to_zero_and_resumes_bit_for_bit(tm
   # Each logged rate is that of the window's last step, `step - 1` counted from 0.
   for step, factor in ((2, 1.0), (4, 1.0), (6, 0.75), (8, 0.25)):
     np.testing.assert_allclose(rates[step], float(schedule(step - 1)) * factor, rtol=1e-6)
-  # Switched on at a resume: the same plan. (Not bit for bit: the first half ran the program
-  # without the cooldown's multiply, whose rounding Adam amplifies for the key biases, which
-  # get next to no gradient.)
+  # Switched on at a resume: the plan is part of the optimiser state, so the run refuses with a
+  # message that names the field, and changes nothing.
   run_tiny(tmp_path / "switched_on", 4)
-  run_tiny(tmp_path / "switched_on", 8, "--cooldown", "0.5", "--dump", str(tmp_path / "switched.npz"))
-  assert np.array_equal(load_dump(tmp_path / "switched.npz")[-1], [4, 8, 0])
-  switched = {m["step"]: m["learning_rate"] for m in trainer.read_metrics(tmp_path / "switched_on", "train")}
-  np.testing.assert_allclose([switched[6], switched[8]], [rates[6], rates[8]], rtol=1e-6)
+  result = run_tiny(tmp_path / "switched_on", 8, "--cooldown", "0.5", check=False)
+  assert result.returncode != 0
+  assert "saved with train.cooldown_fraction=0.0" in result.stdout + result.stderr
+  assert checkpoints.saved_steps(tmp_path / "switched_on") == [4]
 
 
 def test_the_time_budgets_cooldown_ends_the_run_with_the_budget(tmp_path):
@@ -129,11 +128,9 @@ def test_the_time_budgets_cooldown_ends_the_run_with_the_budget(tmp_path):
   batches = tiny_batches(config, setup)
   # Compiled first, so that the 15 s budget is for steps even where compiling takes most of it (a
   # busy CI machine): the budget counts compilation, the pace its cooldown is aimed with does not.
-  # (The trainer's state has a placed cooldown, so the warm-up's has one too: the same program.)
-  state = setup.with_cooldown(setup.init_state(0), 1, 2, False)
-  setup.train_step(state, setup.put_batch(batches[0]), jax.random.key(0))
+  setup.train_step(setup.init_state(0), setup.put_batch(batches[0]), jax.random.key(0))
   state = trainer.train(config, tmp_path, setup, batches)
-  first, end, by_time = (int(x) for x in jax.device_get(state.cooldown))
+  first, end, by_time = (int(x) for x in jax.device_get(find_cooldown(state.opt_state).plan))
   # The plan's end stopped the run, or the budget did a little earlier (a slower last stretch).
   assert by_time == 1 and first < end and int(state.step) <= end, (first, end, state.step)
   logged = trainer.read_metrics(tmp_path, "train")
@@ -147,7 +144,7 @@ def test_the_time_budgets_cooldown_ends_the_run_with_the_budget(tmp_path):
   assert abs(factors[0] - 1.0) < 1e-5 and factors[-1] < 0.2, factors
   assert all(b <= a * 1.01 for a, b in zip(factors, factors[1:])), factors
   restored, _ = checkpoints.restore(checkpoints.make_manager(tmp_path, config.train), setup)
-  assert [int(x) for x in jax.device_get(restored.cooldown)] == [first, end, 1]
+  assert [int(x) for x in jax.device_get(find_cooldown(restored.opt_state).plan)] == [first, end, 1]
   if int(state.step) == end:  # Run again, the finished run has nothing left to train.
     again = trainer.train(config, tmp_path, setup, tiny_batches(config, setup))
     assert int(again.step) == end
@@ -277,7 +274,7 @@ def test_a_tiny_model_learns_to_reverse_sequences_exactly(dtype):
   """Trained on made-up pairs whose target is the reversed source, greedy decoding of held-out
   sources gives their exact reversals; computing in bfloat16 (parameters, softmax, loss and the
   optimiser in float32) learns it as well."""
-  from transformer_jax import decode
+  from transformer_jax import translation
   config, _ = tiny_setup(label_smoothing=0.0, schedule="constant", learning_rate=2e-3, warmup_steps=50)
   config.model.update(dict(dropout_rate=0.0, d_model=64, d_ff=128, vocab_size=16, max_len=16, dtype=dtype))
   config.data.tokens_per_batch = 512
@@ -302,7 +299,7 @@ def test_a_tiny_model_learns_to_reverse_sequences_exactly(dtype):
   src = np.zeros((32, 8), np.int32)
   for i in range(32):
     src[i, :len(held_out.source(i))] = held_out.source(i)
-  out = np.asarray(decode.translate(setup.model, state.params, jnp.asarray(src), beam_size=1,
-                                    alpha=0.0, max_extra_len=2))
+  out = np.asarray(translation.translate(setup.model, state.params, jnp.asarray(src), beam_size=1,
+                                         alpha=0.0, max_extra_len=2))
   exact = sum(np.array_equal(out[i, :len(held_out.target(i))], held_out.target(i)) for i in range(32))
   assert exact == 32, f"{exact}/32 exact reversals"

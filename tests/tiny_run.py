@@ -90,6 +90,7 @@ def main():
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   import jax
   from transformer_jax import cpu, steps, trainer
+  from transformer_jax.optim import find_cooldown
   if args.coordinator:
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
                                heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)
@@ -134,7 +135,8 @@ def main():
     multihost_utils.process_allgather(state, tiled=True)
   if args.translate:
     translate(args.translate, setup, state.params)
-  plan = "" if state.cooldown is None else f" cooldown {np.asarray(state.cooldown.addressable_data(0))}"
+  cooldown = find_cooldown(state.opt_state)
+  plan = "" if cooldown is None else f" cooldown {np.asarray(cooldown.plan.addressable_data(0))}"
   print("finished at step", int(jax.device_get(state.step)), plan, flush=True)
 
 

@@ -26,7 +26,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from transformer_jax import paths
-from transformer_jax.errors import CheckpointError, NonFiniteError
+from transformer_jax.errors import CheckpointError, ConfigError, NonFiniteError
+from transformer_jax.optim import cooldown_fraction, find_cooldown
 from transformer_jax.steps import Setup, TrainState
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,9 @@ def restore(manager: ocp.CheckpointManager, setup: Setup, step: int | None = Non
   step = manager.latest_step() if step is None else step
   if step is None:
     return None
-  items = {"state": ocp.args.StandardRestore(setup.abstract_state())}
+  target = setup.abstract_state()
+  _check_same_cooldown(manager, step, find_cooldown(target.opt_state) is not None)
+  items = {"state": ocp.args.StandardRestore(target)}
   if with_data:
     items["data"] = ocp.args.JsonRestore()
   where = f"checkpoint {step} in {manager.directory}"
@@ -112,8 +115,7 @@ def restore(manager: ocp.CheckpointManager, setup: Setup, step: int | None = Non
     raise CheckpointError(f"{where} is incomplete: its state or data position is missing")
   if not all_finite(restored.state):
     raise CheckpointError(f"{where} holds non-finite values (NaN or Inf); it cannot be used")
-  # A checkpoint saved with or without a cooldown plan restores into a run with or without one.
-  return setup.fit_cooldown(restored.state), (restored.data if with_data else None)
+  return restored.state, (restored.data if with_data else None)
 
 
 def restore_for_training(workdir: str, train: ml_collections.ConfigDict, setup: Setup
@@ -202,6 +204,21 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.
   except Exception as e:  # As in `restore`.
     raise CheckpointError(
         f"checkpoint {step} in {manager.directory}: its config does not restore: {_summary(e)}") from e
+
+
+def _check_same_cooldown(manager: ocp.CheckpointManager, step: int, cools: bool) -> None:
+  """Raises ConfigError if checkpoint `step` was saved by a run with a cooldown and this run has
+  none, or the other way round: the cooldown's plan is part of the optimiser state."""
+  try:
+    saved = cooldown_fraction(restore_config(manager, step).train)
+  except CheckpointError:
+    return  # `restore` reports the damage.
+  if (saved > 0) != cools:
+    raise ConfigError(
+        f"checkpoint {step} in {manager.directory} was saved with train.cooldown_fraction={saved}, "
+        f"and this run {'has a cooldown' if cools else 'has none'}: the cooldown's plan is part of "
+        "the optimiser state. Resume with the cooldown_fraction it was saved with, or train in a "
+        "new workdir.")
 
 
 def _summary(error: Exception) -> str:

@@ -15,8 +15,6 @@ resumed run draws the keys a straight run would have drawn.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import flax
@@ -27,12 +25,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from transformer_jax import decode, sharding
+from transformer_jax import kernels, losses, optim, sharding
 from transformer_jax.config import TransformerConfig
 from transformer_jax.errors import ConfigError
 from transformer_jax.model import Transformer
-from transformer_jax.optim import (NO_COOLDOWN, cooldown_factor, cooldown_fraction,
-                                   learning_rate_schedule, make_optimizer)
+from transformer_jax.optim import make_optimizer
 
 Batch = dict[str, jax.Array]
 PACKING_KEYS = ("src_segments", "src_positions", "tgt_segments", "tgt_positions")
@@ -40,18 +37,11 @@ PACKING_KEYS = ("src_segments", "src_positions", "tgt_segments", "tgt_positions"
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a checkpoint needs to continue training, as one pytree.
-
-  `cooldown` is the learning-rate cooldown's plan, int32 (first step, end step, aimed at a time
-  budget) (`optim.NO_COOLDOWN` until the trainer places it), in runs with
-  `train.cooldown_fraction` > 0; None (no leaf) in the others, so their checkpoints keep the shape
-  they always had.
-  """
+  """Everything a checkpoint needs to continue training, as one pytree."""
 
   step: jax.Array
   params: Any
   opt_state: Any
-  cooldown: Any = None
 
 
 def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -71,8 +61,7 @@ class Setup:
       lower it with `ShapeDtypeStruct`s to compile it ahead of time.
     jit_eval_step: `(params, batch) -> summed metrics`, jitted likewise.
 
-  Decoding functions are built once per setting and kept (`translate_fn`), so that every
-  validation pass and every translated batch of a shape seen before reuses its compiled program.
+  Decoding is `translation`'s (`translation.translator(model, mesh, rules)`).
   """
 
   model_config: TransformerConfig
@@ -83,8 +72,6 @@ class Setup:
   state_shardings: Any
   jit_train_step: Any
   jit_eval_step: Any
-  cools: bool = False  # Whether the state has a cooldown plan (train.cooldown_fraction > 0).
-  _translate_fns: dict = dataclasses.field(default_factory=dict, repr=False)
 
   def train_step(self, state: TrainState, batch: Batch, dropout_key: jax.Array
                  ) -> tuple[TrainState, dict]:
@@ -97,28 +84,6 @@ class Setup:
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return self.jit_eval_step(params, batch)
 
-  def jit_translate_fn(self, beam_size: int, alpha: float, max_extra_len: int):
-    """The jax.jit object behind `translate_fn` (one per setting), to call inside the mesh and
-    the rules, or to lower ahead of time."""
-    key = (beam_size, float(alpha), max_extra_len)
-    if key not in self._translate_fns:
-      self._translate_fns[key] = decode.make_translate_fn(self.model, beam_size, alpha, max_extra_len)
-    return self._translate_fns[key]
-
-  def translate_fn(self, beam_size: int, alpha: float, max_extra_len: int
-                   ) -> Callable[[Any, jax.Array], jax.Array]:
-    """`decode.translate` jitted for this setup: `(params, src [B, S]) -> tokens [B, S + extra]`,
-    run inside the mesh and the logical axis rules (so the model's sharding constraints hold while
-    decoding too). Built once per (beam_size, alpha, max_extra_len) and reused; XLA compiles it
-    once per source shape."""
-    jitted = self.jit_translate_fn(beam_size, alpha, max_extra_len)
-
-    def translate(params: Any, src: jax.Array) -> jax.Array:
-      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        return jitted(params, src)
-
-    return translate
-
   def init_state(self, seed: int, params: Any = None) -> TrainState:
     """Fresh parameters (from `root_keys(seed)`'s init key), or the given ones (fine-tuning), and a
     fresh optimiser state, created directly in their shards.
@@ -128,41 +93,23 @@ class Setup:
     """
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       if params is None:
-        init = jax.jit(lambda key: nn.meta.unbox(_boxed_state(self.model, self.tx, key, self.cools)),
+        init = jax.jit(lambda key: nn.meta.unbox(_boxed_state(self.model, self.tx, key)),
                        out_shardings=self.state_shardings)
         return init(root_keys(seed)[0])
       expected = self.abstract_state().params
       _check_same_tree(params, expected)
       params = jax.tree.map(lambda x, s: np.asarray(x, s.dtype), params, expected)
       start = jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                           opt_state=self.tx.init(p), cooldown=_unplaced(self.cools)),
+                                           opt_state=self.tx.init(p)),
                       out_shardings=self.state_shardings)
       return start(params)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state, for restoring a checkpoint onto this mesh."""
     shapes = jax.eval_shape(
-        lambda: nn.meta.unbox(_boxed_state(self.model, self.tx, jax.random.key(0), self.cools)))
+        lambda: nn.meta.unbox(_boxed_state(self.model, self.tx, jax.random.key(0))))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, self.state_shardings)
-
-  def with_cooldown(self, state: TrainState, first: int, end: int, by_time: bool) -> TrainState:
-    """`state` with the cooldown planned from step `first` to step `end`, aimed at the end of a
-    time budget or not. Every process must pass the same plan (the trainer agrees on it first)."""
-    if not self.cools:
-      raise ValueError("this run has no cooldown (train.cooldown_fraction is 0)")
-    plan = np.array([first, end, int(by_time)], np.int32)
-    sharding_ = self.state_shardings.cooldown
-    return state.replace(cooldown=jax.make_array_from_callback(plan.shape, sharding_, lambda i: plan[i]))
-
-  def fit_cooldown(self, state: TrainState) -> TrainState:
-    """A restored state with the cooldown field this run expects: a checkpoint saved without a
-    cooldown gets an unplaced one, and a run without a cooldown drops the plan it finds."""
-    if not self.cools:
-      return state.replace(cooldown=None)
-    if state.cooldown is None:
-      return self.with_cooldown(state, *NO_COOLDOWN)
-    return state
 
   def put_batch(self, local: dict[str, np.ndarray]) -> Batch:
     """This process's rows of a batch -> global arrays sharded over the mesh."""
@@ -183,21 +130,31 @@ def _check_same_tree(params: Any, expected: Any) -> None:
                       + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
 
 
-def _boxed_state(model: Transformer, tx: optax.GradientTransformation, key: jax.Array,
-                 cools: bool) -> TrainState:
+def _boxed_state(model: Transformer, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
   tokens = jnp.ones((1, 8), jnp.int32)
   params = model.init(key, tokens, tokens)["params"]
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    cooldown=_unplaced(cools))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def _unplaced(cools: bool) -> jax.Array | None:
-  """A new state's cooldown field: a plan the trainer has yet to place, or none."""
-  return jnp.array(NO_COOLDOWN, jnp.int32) if cools else None
+def batch_metrics(model: Transformer, params: Any, batch: Batch, label_smoothing: float,
+                  chunks: int, *, train: bool, rngs: dict | None = None) -> dict[str, jax.Array]:
+  """The summed loss, nll, correct predictions and tokens of a batch (`losses.compute_metrics`),
+  the train and eval steps' objective.
 
-
-def _model_inputs(batch: Batch) -> dict[str, jax.Array]:
-  return {k: batch[k] for k in PACKING_KEYS if k in batch}
+  The loss's one switch to speed kernels: with `model.cpu_kernels` or `train.loss_chunks` > 1 the
+  pre-softmax projection and the loss run in `kernels.vocabulary_metrics` (over `chunks` slices of
+  the target length, never holding all the [B, T, V] logits; only the loss has a gradient), with
+  the same sums; otherwise the logits are made whole and scored as the paper's loss reads.
+  """
+  inputs = {k: batch[k] for k in PACKING_KEYS if k in batch}
+  if model.config.cpu_kernels or chunks > 1:
+    y, table, bias = model.apply({"params": params}, batch["src"], batch["tgt"], train=train,
+                                 rngs=rngs, method=Transformer.features, **inputs)
+    return kernels.vocabulary_metrics(y, table, batch["tgt"], label_smoothing, bias=bias,
+                                      chunks=chunks, cpu_backward=model.config.cpu_kernels)
+  logits = model.apply({"params": params}, batch["src"], batch["tgt"], train=train, rngs=rngs,
+                       **inputs)
+  return losses.compute_metrics(logits, batch["tgt"], label_smoothing)
 
 
 def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -> Setup:
@@ -210,7 +167,7 @@ def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -
   model_config = TransformerConfig.from_config(config.model)
   model = Transformer(model_config)
   tx = make_optimizer(config.train, model_config.d_model)
-  schedule = learning_rate_schedule(config.train, model_config.d_model)
+  learning_rate = optim.learning_rate(config.train, model_config.d_model)
   mesh = sharding.make_mesh(config.mesh, devices)
   platform = mesh.devices.flat[0].platform
   if model_config.attention_impl == "cudnn" and platform != "gpu":
@@ -218,38 +175,29 @@ def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -
                       f"this run's devices are {platform.upper()}s: use 'dot_product' (XLA's choice) "
                       "or 'einsum'")
   rules = sharding.axis_rules(config.mesh)
-  cools = cooldown_fraction(config.train) > 0
-  boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.key(0), cools))
+  boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.key(0)))
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
-  # The loss without the [B, T, V] logits (Transformer.metrics), over slices of the target length.
-  loss_options = {"label_smoothing": float(config.train.label_smoothing),
-                  "chunks": int(config.train.get("loss_chunks", 1))}
-  accum = int(config.train.grad_accum_steps)
+  label_smoothing = float(config.train.label_smoothing)
+  chunks = int(config.train.get("loss_chunks", 1))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   def train_step(state: TrainState, batch: Batch, dropout_key: jax.Array) -> tuple[TrainState, dict]:
     step_key = jax.random.fold_in(dropout_key, state.step)
 
     def loss_fn(params):
-      metrics = model.apply({"params": params}, batch["src"], batch["tgt"], train=True,
-                            rngs={"dropout": step_key}, method=Transformer.metrics,
-                            **loss_options, **_model_inputs(batch))
+      metrics = batch_metrics(model, params, batch, label_smoothing, chunks, train=True,
+                              rngs={"dropout": step_key})
       return metrics["loss"] / jnp.maximum(metrics["tokens"], 1.0), metrics
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics["learning_rate"] = schedule(state.step // accum)
-    if state.cooldown is not None:  # Adam's update is proportional to the learning rate.
-      factor = cooldown_factor(state.step, state.cooldown)
-      updates = jax.tree.map(lambda u: u * factor.astype(u.dtype), updates)
-      metrics["learning_rate"] *= factor
+    metrics["learning_rate"] = learning_rate(state.step, state.opt_state)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def eval_step(params: Any, batch: Batch) -> dict:
-    return model.apply({"params": params}, batch["src"], batch["tgt"], method=Transformer.metrics,
-                       **loss_options, **_model_inputs(batch))
+    return batch_metrics(model, params, batch, label_smoothing, chunks, train=False)
 
   batch_sharding = sharding.batch_sharding(mesh)
   jit_train = jax.jit(train_step, donate_argnums=0,
@@ -257,20 +205,4 @@ def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -
                       out_shardings=(state_shardings, replicated))
   jit_eval = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_sharding),
                      out_shardings=replicated)
-  return Setup(model_config, model, tx, mesh, rules, state_shardings, jit_train, jit_eval, cools)
-
-
-def evaluate_loss(setup: Setup, params: Any, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
-  """Token-weighted loss, accuracy and perplexity over every batch (each example counted once)."""
-  totals: dict[str, float] = {}
-  for local in batches:
-    metrics = jax.device_get(setup.eval_step(params, setup.put_batch(local)))
-    for k, v in metrics.items():
-      totals[k] = totals.get(k, 0.0) + float(v)
-  tokens = max(totals.get("tokens", 0.0), 1.0)
-  return {
-      "loss": totals.get("loss", 0.0) / tokens,
-      "accuracy": totals.get("correct", 0.0) / tokens,
-      "perplexity": math.exp(min(totals.get("nll", 0.0) / tokens, 50.0)),
-      "tokens": totals.get("tokens", 0.0),
-  }
+  return Setup(model_config, model, tx, mesh, rules, state_shardings, jit_train, jit_eval)
