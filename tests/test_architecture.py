@@ -86,3 +86,50 @@ def test_the_data_package_never_imports_flax():
 def test_no_module_is_over_400_lines(path):
   lines = len(path.read_text().splitlines())
   assert lines <= MAX_LINES, f"{path.relative_to(PACKAGE.parent)} has {lines} lines"
+
+
+def test_the_papers_modules_reach_the_speed_kernels_only_through_the_one_switch():
+  """layers.py and attention.py never import kernels.py; model.py names it only in
+  `feed_forward`, the switch on `config.cpu_kernels`; losses.py is the paper's loss alone."""
+  graph = import_graph()
+  for name in ("layers", "attention", "losses"):
+    assert "transformer_jax.kernels" not in graph[f"transformer_jax.{name}"], name
+  tree = ast.parse((PACKAGE / "model.py").read_text())
+  uses = {fn.name for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+          for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id == "kernels"}
+  assert uses == {"feed_forward"}, uses
+
+
+def test_marian_is_a_mapping_and_steps_know_nothing_of_decoding():
+  graph = import_graph()
+  for upper in ("evaluate", "runs", "trainer", "steps", "export", "cli"):
+    assert not any(m == f"transformer_jax.{upper}" or m.startswith(f"transformer_jax.{upper}.")
+                   for m in graph["transformer_jax.marian"]), upper
+  assert not graph["transformer_jax.steps"] & {"transformer_jax.decode", "transformer_jax.translation"}
+
+
+def module_constants(path: pathlib.Path) -> dict[str, str]:
+  """A module's top-level UPPER_CASE names and the source of their values."""
+  found = {}
+  for node in ast.parse(path.read_text()).body:
+    if isinstance(node, ast.Assign):
+      for target in node.targets:
+        if isinstance(target, ast.Name) and target.id.lstrip("_").isupper():
+          found[target.id] = ast.unparse(node.value)
+  return found
+
+
+def test_no_constant_or_choice_list_is_defined_twice():
+  """Each named constant, and each tuple of choices, has one home (constants.py, config.py or
+  the module it belongs to): no name defined in two modules, no tuple literal written twice."""
+  names: dict[str, list[str]] = {}
+  tuples: dict[str, list[str]] = {}
+  for path in sorted(PACKAGE.rglob("*.py")):
+    for name, value in module_constants(path).items():
+      names.setdefault(name, []).append(module_name(path))
+      if value.startswith("(") and value.count(",") >= 1 and value.count("'") >= 4:
+        tuples.setdefault(value, []).append(f"{module_name(path)}.{name}")
+  # Two data sources map their own configs to language pairs: one name, two different tables.
+  repeated = {k: v for k, v in names.items() if len(v) > 1 and k != "PAIRS"}
+  assert not repeated, repeated
+  assert not {k: v for k, v in tuples.items() if len(v) > 1}

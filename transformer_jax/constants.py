@@ -12,3 +12,6 @@ UNK_ID = 3  # Unknown piece.
 # A finite large negative used to mask attention logits (section 3.2.3: "setting to -inf").
 # Finite so that a row with every key masked yields a uniform softmax rather than NaN.
 MASK_VALUE = -1e9
+NEG_INF = float("-inf")  # The log-probability of an impossible or empty hypothesis (decoding).
+
+SPLITS = ("train", "validation", "test")  # A corpus's splits, by these names in every source.

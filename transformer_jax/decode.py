@@ -28,14 +28,13 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID
+from transformer_jax.constants import BOS_ID, EOS_ID, NEG_INF, PAD_ID
 from transformer_jax.topk import per_device_top_k
 
 Array = jax.Array
 Cache = Any
 TokensToLogits = Callable[[Array, Cache, Array], tuple[Array, Cache]]
 
-NEG_INF = float("-inf")  # The log-probability of an impossible or empty hypothesis.
 
 
 class CacheGrowth(NamedTuple):

@@ -24,12 +24,12 @@ import numpy as np
 import sentencepiece as spm
 
 from transformer_jax import paths
+from transformer_jax.config import TOKENIZERS
 from transformer_jax.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from transformer_jax.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPES = ("bpe", "unigram")
 
 
 class Tokenizer:
@@ -112,8 +112,8 @@ def train_tokenizer(sentences: Iterable[str | bytes], vocab_size: int, *, model_
     max_sentences: cap on the sentences read.
     seed: SentencePiece's random seed, for a reproducible vocabulary.
   """
-  if model_type not in MODEL_TYPES:
-    raise ValueError(f"tokenizer model_type={model_type!r} is not one of {MODEL_TYPES}")
+  if model_type not in TOKENIZERS:
+    raise ValueError(f"tokenizer model_type={model_type!r} is not one of {TOKENIZERS}")
   text = (s.decode("utf-8") if isinstance(s, bytes) else s for s in sentences)
   text = (s for s in text if s.strip())
   model = io.BytesIO()

@@ -8,8 +8,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.constants import NEG_INF
+
 Array = jax.Array
-NEG_INF = float("-inf")
 
 
 def per_device_top_k(x: Array, k: int) -> tuple[Array, Array]:

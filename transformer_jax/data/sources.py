@@ -22,12 +22,12 @@ import ml_collections
 import tensorflow_datasets as tfds
 
 from transformer_jax.config import DATASETS, check_choice
+from transformer_jax.constants import SPLITS
 from transformer_jax.data import bible, text, wmt
 from transformer_jax.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 
 
 class RandomAccessSource(Protocol):

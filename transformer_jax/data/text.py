@@ -35,11 +35,11 @@ from collections.abc import Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
+from transformer_jax.constants import SPLITS
 from transformer_jax.errors import ConfigError, DataError, MissingFileError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "validation", "test")
 # Codes become feature names, so they are kept to simple identifiers ("en", "de", "pt_br").
 _LANG_CODE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 SKIP_REASONS = ("columns", "unpaired", "utf8", "nul", "empty")
