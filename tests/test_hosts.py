@@ -3,9 +3,10 @@ wait for it and read what it wrote, and a failure on process 0 reaches them at o
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
+
+from tiny_run import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT = 300
@@ -13,12 +14,6 @@ ENGLISH = [f"the {a} {b} went to the {c}" for a in ("red", "old", "big", "small"
            for c in ("market", "river", "house")]
 GERMAN = [f"die {a} {b} ging zum {c}" for a in ("rote", "alte", "grosse", "kleine") for b in ("Katze", "Hund", "Vogel")
           for c in ("Markt", "Fluss", "Haus")]
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def main_job_on_two_processes(tmp_path, *overrides):

@@ -11,6 +11,9 @@ made-up corpus greedily and with beam 4 and writes the outputs (token ids) from 
 
 import argparse
 import os
+import pathlib
+import socket
+import subprocess
 import sys
 
 
@@ -81,6 +84,59 @@ def tiny_batches(config, setup, **kwargs):
             "multiple_of": max(4, sharding.batch_multiple(setup.mesh)), **kwargs}
   return pipeline.EpochBatches(corpus, indices, tokens_per_batch=config.data.tokens_per_batch,
                                max_len=config.model.max_len, **kwargs)
+
+
+# Driving this script from the tests: as a subprocess, alone or as two processes.
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY_RUN = str(ROOT / "tests" / "tiny_run.py")
+TIMEOUT = 240  # Hard limit on every subprocess.
+
+
+def run_tiny(workdir, steps, *extra, devices=1, check=True):
+  """This script as a subprocess (`steps` steps on `devices` CPU devices), under a hard timeout."""
+  cmd = [sys.executable, TINY_RUN, "--workdir", str(workdir), "--steps", str(steps),
+         "--devices", str(devices), *extra]
+  result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, cwd=ROOT)
+  if check and result.returncode != 0:
+    raise AssertionError(f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+  return result
+
+
+def load_dump(path):
+  """The leaves of a state `--dump`ed by a run, in order."""
+  import numpy as np
+  with np.load(path) as f:
+    return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def assert_bitwise_equal(a, b):
+  import numpy as np
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+def free_port():
+  """A free TCP port on 127.0.0.1, for a coordinator."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_two_processes(workdir, steps, *extra):
+  """tests/tiny_run.py as two processes of 2 devices each under jax.distributed; their outputs."""
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, TINY_RUN, "--workdir", str(workdir), "--steps", str(steps), "--devices", "2",
+       "--num_processes", "2", "--process_id", str(i), "--coordinator", f"127.0.0.1:{port}", *extra],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  try:
+    outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+  return outputs
 
 
 def main():
