@@ -6,7 +6,8 @@
 
 Starting again with the same --workdir resumes from its last checkpoint. On several hosts, run the
 same command on each; jax.distributed is initialised from --coordinator_address/--num_processes/
---process_id when given, and detected on TPU pod slices and SLURM otherwise.
+--process_id when given, and otherwise wherever JAX detects a cluster of several processes (Cloud
+TPU and GKE slices, SLURM, Open MPI, Kubernetes: transformer_jax/distributed.py).
 """
 
 import logging
@@ -15,10 +16,9 @@ import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
-import jax
 from ml_collections import config_flags
 
-from transformer_jax import cpu, errors, experiment
+from transformer_jax import accelerators, cpu, distributed, errors, experiment
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "small.py"),
@@ -29,22 +29,16 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 
 
-def initialize_distributed() -> None:
-  """jax.distributed for multi-host runs: explicit flags, or what JAX detects (TPU pods, SLURM)."""
-  if _COORDINATOR.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-    jax.distributed.initialize()
-
-
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax and tfds are chatty at INFO.
   logging.getLogger("transformer_jax").setLevel(logging.INFO)
 
   def run() -> None:
-    initialize_distributed()
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     cpu.keep_cpu_step_memory()  # CPU backends only; before anything else starts JAX's backends.
+    distributed.check_started()  # Several processes without a coordinator: stop now, naming the flags.
+    accelerators.check_backend(strict=False)  # A GPU or TPU that JAX does not use: say so first.
     experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
   # A bad value, file or checkpoint is one line naming it (exit 2), not a traceback.

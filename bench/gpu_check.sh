@@ -2,8 +2,9 @@
 # The GPU check: the figures BENCHMARKS.md wants from an NVIDIA GPU, in about 10 minutes (an H200:
 # 2 minutes for each train step beside its PyTorch peer, about 1 for each other part).
 #
-#   pip install -e ".[test,hf]" "jax[cuda12]"    # on the GPU machine (ran with jax 0.11.2 and
-#                                                # torch 2.11 on CUDA 13: BENCHMARKS.md)
+#   pip install -e ".[test,hf,cuda12]"           # on the GPU machine; ".[test,hf,cuda13]" with a
+#                                                # CUDA 13 driver (the H200 run used the machine's
+#                                                # jax 0.11.2, cuda13 plugin, torch 2.11: BENCHMARKS.md)
 #   bash bench/gpu_check.sh [OUT_DIR]            # default OUT_DIR: $OUT, else gpu_check/
 #
 # Writes one text file per part to OUT_DIR (and prints them), the most wanted first:

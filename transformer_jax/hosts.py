@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import jax
 
+from transformer_jax import distributed
 from transformer_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,7 @@ def once(name: str, step: Callable[[], T], *, timeout_minutes: float,
   """
   if jax.process_count() == 1:
     return step()
-  from jax._src import distributed  # The coordination service's client; no public accessor yet.
-
-  client = distributed.global_state.client
+  client = distributed.coordination_client()  # Stops at once if the run has no coordinator.
   key = f"transformer_jax/prepared/{name}"
   if jax.process_index() == 0:
     try:

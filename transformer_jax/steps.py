@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from transformer_jax import kernels, losses, optim, sharding
+from transformer_jax import accelerators, kernels, losses, optim, sharding
 from transformer_jax.config import TransformerConfig
 from transformer_jax.errors import ConfigError
 from transformer_jax.model import Transformer
@@ -169,11 +169,8 @@ def make_setup(config: ml_collections.ConfigDict, devices: list | None = None) -
   tx = make_optimizer(config.train, model_config.d_model)
   learning_rate = optim.learning_rate(config.train, model_config.d_model)
   mesh = sharding.make_mesh(config.mesh, devices)
-  platform = mesh.devices.flat[0].platform
-  if model_config.attention_impl == "cudnn" and platform != "gpu":
-    raise ConfigError(f"model.attention_impl='cudnn' needs an NVIDIA GPU (cuDNN's fused attention); "
-                      f"this run's devices are {platform.upper()}s: use 'dot_product' (XLA's choice) "
-                      "or 'einsum'")
+  if model_config.attention_impl == "cudnn":
+    accelerators.check_cudnn_attention(mesh.devices.flat)
   rules = sharding.axis_rules(config.mesh)
   boxed = jax.eval_shape(lambda: _boxed_state(model, tx, jax.random.key(0)))
   state_shardings = sharding.logical_shardings(boxed, mesh, rules)
