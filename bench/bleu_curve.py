@@ -16,7 +16,7 @@ import os
 import sys
 
 from transformer_jax.evaluate import minutes_to_bleu
-from transformer_jax.trainer import read_metrics
+from transformer_jax.metrics import read_metrics
 
 
 def describe(workdir: str, label: str) -> tuple[list[dict], str]:

@@ -12,6 +12,7 @@ from tiny_run import (assert_bitwise_equal, load_dump, run_tiny, run_two_process
 from transformer_jax import checkpoints, trainer
 from transformer_jax import cooldown as cooldown_module
 from transformer_jax.cooldown import Cooldown
+from transformer_jax.metrics import read_metrics
 from transformer_jax.optim import cooldown_factor, find_cooldown, learning_rate_schedule
 
 
@@ -112,7 +113,7 @@ def test_the_cooldown_takes_the_learning_rate_to_zero_and_resumes_bit_for_bit(tm
   assert_bitwise_equal(straight, load_dump(tmp_path / "resumed.npz"))
   assert np.array_equal(straight[-1], [4, 8, 0])  # The plan is part of the state (its last leaf).
   schedule = learning_rate_schedule(tiny_run_config(8).train, 32)
-  rates = {m["step"]: m["learning_rate"] for m in trainer.read_metrics(tmp_path / "straight", "train")}
+  rates = {m["step"]: m["learning_rate"] for m in read_metrics(tmp_path / "straight", "train")}
   # Each logged rate is that of the window's last step, `step - 1` counted from 0.
   for step, factor in ((2, 1.0), (4, 1.0), (6, 0.75), (8, 0.25)):
     np.testing.assert_allclose(rates[step], float(schedule(step - 1)) * factor, rtol=1e-6)
@@ -138,7 +139,7 @@ def test_the_time_budgets_cooldown_ends_the_run_with_the_budget(tmp_path):
   first, end, by_time = (int(x) for x in jax.device_get(find_cooldown(state.opt_state).plan))
   # The plan's end stopped the run, or the budget did a little earlier (a slower last stretch).
   assert by_time == 1 and first < end and int(state.step) <= end, (first, end, state.step)
-  logged = trainer.read_metrics(tmp_path, "train")
+  logged = read_metrics(tmp_path, "train")
   # Training ended with the 15 s budget (the metrics' clock and the budget's start together),
   # give or take a few steps.
   assert abs(60 * logged[-1]["minutes"] - 15.0) < 2.5, (logged[-1], first, end)

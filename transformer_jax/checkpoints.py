@@ -206,6 +206,39 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.
         f"checkpoint {step} in {manager.directory}: its config does not restore: {_summary(e)}") from e
 
 
+def save_best(workdir: str, params: Any, record: dict) -> None:
+  """Keeps `params` as the run's best parameters so far, in `workdir/best` (one checkpoint,
+  replacing the one before), with `record` (the step, the metric and its value). Every process
+  calls it; it waits until the parameters are written."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True)
+  with ocp.CheckpointManager(paths.resolve(workdir) / "best", options=options) as manager:
+    manager.save(int(record["step"]), args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), record=ocp.args.JsonSave(record)), force=True)
+    manager.wait_until_finished()
+
+
+def restore_best(workdir: str, setup: Setup) -> tuple[Any, dict] | None:
+  """The run's best parameters on this run's mesh and their record, or None if there are none.
+
+  Raises:
+    CheckpointError: naming the directory, if they do not restore.
+  """
+  directory = paths.resolve(workdir) / "best"
+  if not directory.is_dir():
+    return None
+  with ocp.CheckpointManager(directory) as manager:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(setup.abstract_state().params),
+          record=ocp.args.JsonRestore()))
+    except Exception as e:  # As in `restore`.
+      raise CheckpointError(f"the best parameters in {directory} do not restore: {_summary(e)}") from e
+  return restored.params, restored.record
+
+
 def _check_same_cooldown(manager: ocp.CheckpointManager, step: int, cools: bool) -> None:
   """Raises ConfigError if checkpoint `step` was saved by a run with a cooldown and this run has
   none, or the other way round: the cooldown's plan is part of the optimiser state."""

@@ -175,9 +175,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.adam_eps = 1e-9
   config.train.label_smoothing = 0.1  # epsilon_ls, section 5.4.
   # The loss's pre-softmax projection and softmax run over this many slices of the target length,
-  # never holding all the [B, T, V] logits (losses.vocabulary_metrics); the same arithmetic.
+  # never holding all the [B, T, V] logits (kernels.vocabulary_metrics); the same arithmetic.
   config.train.loss_chunks = 4
   config.train.checkpoints_to_average = 5  # Section 6.1: 5 for base, 20 for big.
+  # Keep the best parameters by validation ("bleu": the greedy BLEU of the validation sample,
+  # "loss": the validation loss; "": none) as a candidate for the test (validation.py).
+  config.train.best_metric = ""
+  # > 0: stop when this many validation passes in a row have not improved on the best.
+  config.train.early_stopping_passes = 0
   config.train.schedule = "paper"  # "paper" (5.3), "cosine" or "constant" (after warm-up).
   config.train.learning_rate_scale = 1.0  # Multiplies the paper's schedule.
   config.train.learning_rate = 1e-3  # Peak rate of the "cosine" and "constant" schedules.
@@ -259,6 +264,7 @@ def load_config_file(path: str | os.PathLike, arg: str | None = None) -> ml_coll
 
 
 SCHEDULES = ("paper", "cosine", "constant")
+BEST_METRICS = ("", "bleu", "loss")  # train.best_metric; "" keeps no best parameters.
 TOKENIZERS = ("bpe", "unigram")
 DATASETS = ("bible", "wmt14", "text")
 RESERVED_IDS = 4  # PAD, EOS, BOS and UNK (constants.py).
@@ -275,6 +281,7 @@ _RUN_FIELDS = {
     "train.label_smoothing": (_FLOAT, 0.0, False),
     "train.loss_chunks": (_INT, 1, False),
     "train.checkpoints_to_average": (_INT, 1, False),
+    "train.early_stopping_passes": (_INT, 0, False),
     "train.learning_rate_scale": (_FLOAT, 0.0, True),
     "train.learning_rate": (_FLOAT, 0.0, True),
     "train.grad_clip_norm": (_FLOAT, 0.0, False),
@@ -335,6 +342,13 @@ def validate_run_config(config: ml_collections.ConfigDict) -> TransformerConfig:
     raise ConfigError(f"init_from={config.init_from!r} must be a directory path or empty")
   check_choice("train.schedule", config.train.schedule, SCHEDULES)
   check_choice("data.tokenizer", config.data.tokenizer, TOKENIZERS)
+  check_choice("train.best_metric", config.train.best_metric, BEST_METRICS)
+  if config.train.early_stopping_passes and not config.train.best_metric:
+    raise ConfigError("train.early_stopping_passes needs train.best_metric ('bleu' or 'loss'): "
+                      "early stopping counts the passes since the best one")
+  if config.train.best_metric == "bleu" and not config.train.eval_bleu_sentences:
+    raise ConfigError("train.best_metric='bleu' needs train.eval_bleu_sentences > 0 (the validation "
+                      "sample it is measured on); or use train.best_metric='loss'")
   check_choice("data.dataset", config.data.dataset, DATASETS)
   if model.vocab_size < 2 * RESERVED_IDS:
     raise ConfigError(

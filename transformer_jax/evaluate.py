@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 from transformer_jax import checkpoints, sharding, translation
 from transformer_jax.config import decode_tokens_per_batch
+from transformer_jax.constants import PAD_ID
 from transformer_jax.data import pipeline, token_cache
 from transformer_jax.steps import Setup
 
@@ -91,12 +92,15 @@ def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: s
 
 def translate_corpus(setup: Setup, params: Any, corpus: token_cache.TokenizedCorpus,
                      indices: np.ndarray, tokenizer, *, tokens_per_batch: int, max_len: int,
-                     beam_size: int, alpha: float, max_extra_len: int) -> list[str]:
+                     beam_size: int, alpha: float, max_extra_len: int,
+                     progress: Callable[[int, int], None] | None = None) -> list[str]:
   """Translates the sources of `corpus[indices]`, batched by length, in the order of `indices`.
 
   Every process takes part (the batch is sharded over the setup's mesh); every process gets all
   the translations back. The decoding program is the one `translation.translator` keeps for the
   setup's model and mesh: compiled once per batch shape for the whole run, not once per call.
+  `progress(sentences, tokens)`, if given, is called after each batch with its number of
+  sentences and of output tokens (EOS included), for a progress bar and a throughput.
   """
   batches = pipeline.EpochBatches.single_pass(corpus, indices, tokens_per_batch=tokens_per_batch,
                                               max_len=max_len, **sharding.row_split(setup.mesh))
@@ -110,8 +114,11 @@ def translate_corpus(setup: Setup, params: Any, corpus: token_cache.TokenizedCor
     tokens = translate(params, src)
     tokens = (np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
               if jax.process_count() > 1 else np.asarray(jax.device_get(tokens)))
-    for row, (i,) in enumerate(plan.batch_rows(k)):
+    rows = plan.batch_rows(k)
+    for row, (i,) in enumerate(rows):
       output[i] = tokenizer.decode(tokens[row])
+    if progress is not None:
+      progress(len(rows), int(np.count_nonzero(tokens[:len(rows)] != PAD_ID)))
   return [output[int(i)] for i in indices]
 
 
@@ -158,28 +165,43 @@ def translation_metrics(setup: Setup, params: Any, config: ml_collections.Config
 def choose_test_params(config: ml_collections.ConfigDict, workdir, setup: Setup, final: Any,
                        step: int, validation: Split, tokenizer, bleu_sample: np.ndarray
                        ) -> tuple[Any, dict[str, Any]]:
-  """The parameters the test translates with: the final ones, or the average of the last
-  `train.checkpoints_to_average` checkpoints (section 6.1) if that scores a higher greedy BLEU on
-  the validation sample (chosen on validation, never on the test). Returns them and a record of
-  the choice for the test metrics."""
+  """The parameters the test translates with, chosen on validation (never on the test) among:
+  the final ones; the average of the last `train.checkpoints_to_average` checkpoints (section
+  6.1), when that is 2 or more; and the best by `train.best_metric` (validation.py), when the run
+  kept one at another step. With more than one, the highest greedy BLEU on the validation sample
+  wins (the final parameters on a tie); without a sample, the best ones do.
+
+  Returns:
+    The parameters and a record of the choice for the test metrics: "test_params" (which), and
+    each candidate's validation BLEU.
+  """
+  candidates: dict[str, tuple[str, Any]] = {"final": (f"step {step}", final)}
   steps = checkpoints.saved_steps(workdir)[-config.train.checkpoints_to_average:]
-  if config.train.checkpoints_to_average < 2 or len(steps) < 2 or not len(bleu_sample):
-    return final, {"test_params": f"step {step}"}
-  manager = checkpoints.make_manager(workdir, config.train)
-  try:
-    averaged = checkpoints.average(manager, setup, steps=steps)
-  finally:
-    manager.close()
-  bleu = {}
-  for name, params in (("final", final), ("average", averaged)):
-    bleu[name] = translation_metrics(setup, params, config, validation, tokenizer, bleu_sample,
-                                     beam_size=1)[0]["bleu"]
-  use_average = bleu["average"] > bleu["final"]
-  chosen = f"average of steps {steps}" if use_average else f"step {step}"
-  log.info("Validation greedy BLEU: final parameters %.2f, average of checkpoints %s %.2f; the test "
-           "uses the %s.", bleu["final"], steps, bleu["average"], "average" if use_average else "final")
-  return (averaged if use_average else final), {
-      "test_params": chosen, "validation_bleu_final": bleu["final"], "validation_bleu_average": bleu["average"]}
+  if config.train.checkpoints_to_average >= 2 and len(steps) >= 2 and len(bleu_sample):
+    manager = checkpoints.make_manager(workdir, config.train)
+    try:
+      candidates["average"] = (f"average of steps {steps}", checkpoints.average(manager, setup, steps=steps))
+    finally:
+      manager.close()
+  if config.train.get("best_metric") and (best := checkpoints.restore_best(workdir, setup)):
+    params, record = best
+    if int(record["step"]) != step:
+      candidates["best"] = (f"step {record['step']}, the best by validation {record['metric']} "
+                            f"({record['value']:.4g})", params)
+  if len(candidates) == 1:
+    return final, {"test_params": candidates["final"][0]}
+  if not len(bleu_sample):
+    name = "best" if "best" in candidates else "final"
+    return candidates[name][1], {"test_params": candidates[name][0]}
+  bleu = {name: translation_metrics(setup, params, config, validation, tokenizer, bleu_sample,
+                                    beam_size=1)[0]["bleu"]
+          for name, (_, params) in candidates.items()}
+  chosen = max(bleu, key=lambda name: (bleu[name], name == "final"))
+  log.info("Validation greedy BLEU: %s; the test uses the %s parameters (%s).",
+           ", ".join(f"{name} {value:.2f}" for name, value in bleu.items()), chosen,
+           candidates[chosen][0])
+  return candidates[chosen][1], {"test_params": candidates[chosen][0],
+                                 **{f"validation_bleu_{name}": value for name, value in bleu.items()}}
 
 
 def minutes_to_bleu(validation: list[dict], thresholds=(10, 20, 25)) -> dict[str, float | None]:

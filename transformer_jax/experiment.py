@@ -21,6 +21,7 @@ from transformer_jax import checkpoints, cpu, hosts, marian, paths, sharding, tr
 from transformer_jax.config import validate_run_config
 from transformer_jax.data import pipeline, sources, token_cache
 from transformer_jax.errors import ConfigError, DataError
+from transformer_jax.metrics import read_metrics
 from transformer_jax.evaluate import (Split, choose_test_params, eval_batches, evaluate_loss,
                                       minutes_to_bleu, translation_metrics)
 from transformer_jax.steps import make_setup
@@ -167,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   metrics.update(scores, decode_seconds=time.perf_counter() - start, step=step,
                  beam_size=config.decode.beam_size, machine=cpu.machine_description(), **chosen)
   if jax.process_index() == 0:
-    metrics["minutes_to_bleu"] = minutes_to_bleu(trainer.read_metrics(workdir, "validation"))
+    metrics["minutes_to_bleu"] = minutes_to_bleu(read_metrics(workdir, "validation"))
   if jax.process_index() == 0:
     paths.write_text_atomic(workdir / "test_hypotheses.txt", "".join(h + "\n" for h in hypotheses))
     paths.write_text_atomic(workdir / "test_metrics.json", json.dumps(metrics, indent=2))
