@@ -100,11 +100,12 @@ def test_the_papers_modules_reach_the_speed_kernels_only_through_the_one_switch(
   assert uses == {"feed_forward"}, uses
 
 
-def test_marian_is_a_mapping_and_steps_know_nothing_of_decoding():
+def test_the_exports_are_mappings_and_steps_know_nothing_of_decoding():
   graph = import_graph()
-  for upper in ("evaluate", "runs", "trainer", "steps", "export", "cli"):
-    assert not any(m == f"transformer_jax.{upper}" or m.startswith(f"transformer_jax.{upper}.")
-                   for m in graph["transformer_jax.marian"]), upper
+  for mapping in ("marian", "ctranslate2_export"):
+    for upper in ("evaluate", "runs", "trainer", "steps", "export", "cli"):
+      assert not any(m == f"transformer_jax.{upper}" or m.startswith(f"transformer_jax.{upper}.")
+                     for m in graph[f"transformer_jax.{mapping}"]), (mapping, upper)
   assert not graph["transformer_jax.steps"] & {"transformer_jax.decode", "transformer_jax.translation"}
 
 

@@ -115,6 +115,18 @@ def test_decode_benchmark_times_ours_and_hugging_face_on_the_same_weights():
   assert "beam 2: translations identical to HF generate's: 2/2" in out
 
 
+@pytest.mark.slow  # About 25 s; tests/test_ctranslate2.py checks the same translations.
+def test_decode_benchmark_times_ctranslate2_on_the_same_weights():
+  pytest.importorskip("ctranslate2")
+  out = run_script("-m", "bench.decode", "--sentences", "2", "--single", "1", "--rounds", "1",
+                   "--max_extra_len", "4", "--beam", "2", "--batch", "1", "--no_hf")
+  lines = out.splitlines()
+  for search in ("greedy", "beam 2"):
+    for decoder in ("ours", "CT2 float32", "CT2 int8"):
+      assert any(line.startswith(f"{search:<10}{decoder} ") for line in lines), out
+    assert f"{search}: translations identical to CT2 float32's: 2/2" in out
+
+
 @pytest.mark.slow  # About three minutes: every part of the GPU check, on the CPU.
 def test_the_gpu_check_runs_every_part_at_tiny_sizes(tmp_path):
   # On a CPU the cudnn parts are left out; on a GPU the same commands run at full size.

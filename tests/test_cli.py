@@ -5,12 +5,14 @@ exporting: tests/test_marian.py; bad input and damaged checkpoints: tests/test_r
 
 import io
 import json
+import re
 import sys
 
 import pytest
 import sacrebleu
 
 from test_runs import saved_run
+from transformer_jax import runs
 from transformer_jax.cli import evaluate as evaluate_cli
 from transformer_jax.cli import export as export_cli
 from transformer_jax.cli import translate as translate_cli
@@ -31,6 +33,19 @@ def test_translate_command_reads_arguments_files_and_stdin(run_dir, tmp_path, ca
   monkeypatch.setattr(sys, "stdin", io.StringIO("went to the river\n"))
   assert translate_cli.main(["--workdir", str(run_dir), "--beam_size", "1"]) == 0
   assert len(capsys.readouterr().out.splitlines()) == 1
+
+
+def test_translate_command_translates_a_file_in_order_and_reports_its_throughput(run_dir, tmp_path, capsys):
+  """A file in length-sorted batches (Run.translate), written back in the input's order; the
+  throughput goes to standard error, which the progress bar leaves alone when not a terminal."""
+  sentences = ["the old dog went to the market", "the cat", "went", "the big red dog went to the river"]
+  source = tmp_path / "in.txt"
+  source.write_text("".join(f"{s}\n" for s in sentences))
+  assert translate_cli.main(["--workdir", str(run_dir), "--beam_size", "1", "--input", str(source)]) == 0
+  out, err = capsys.readouterr()
+  assert out.splitlines() == runs.load_run(str(run_dir)).translate(sentences, beam_size=1)
+  assert re.fullmatch(r"translated 4 sentences \(\d+ output tokens\) in [\d.]+ s: [\d.]+ sentences/s, "
+                      r"\d+ tokens/s \(compilation included\)\n", err), err
 
 
 def test_translate_command_explains_an_unusable_workdir(run_dir, tmp_path, capsys):

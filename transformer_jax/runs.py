@@ -42,8 +42,10 @@ class Run:
   steps: list[int]  # The checkpoints the parameters come from (several when averaged).
 
   def translate(self, sentences: Sequence[str], *, beam_size: int | None = None,
-                alpha: float | None = None, max_extra_len: int | None = None) -> list[str]:
-    """Detokenized translations of `sentences`, in order (batched by length, as in training)."""
+                alpha: float | None = None, max_extra_len: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """Detokenized translations of `sentences`, in order (batched by length, as in training);
+    `progress(sentences, tokens)` after each batch (`evaluate.translate_corpus`)."""
     decode_cfg = self.config.decode
     ids = [self.tokenizer.encode(s) for s in sentences]
     lengths = np.asarray([len(x) for x in ids])
@@ -57,7 +59,8 @@ class Run:
         max_len=max_len,
         beam_size=decode_cfg.beam_size if beam_size is None else beam_size,
         alpha=decode_cfg.length_penalty if alpha is None else alpha,
-        max_extra_len=decode_cfg.max_extra_len if max_extra_len is None else max_extra_len)
+        max_extra_len=decode_cfg.max_extra_len if max_extra_len is None else max_extra_len,
+        progress=progress)
 
 
 def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) -> Run:

@@ -1,14 +1,22 @@
 """`translate`: translate sentences (arguments, --input file, or standard input) with a run.
 
   translate --workdir runs/quickstart "Am Anfang war das Wort."
-  translate --workdir runs/quickstart --average_last 5 --input sentences.txt
+  translate --workdir runs/quickstart --average_last 5 --input sentences.txt > translations.txt
+
+A whole file is translated in batches of sentences of similar length (`Run.translate`), and the
+translations are written to standard output in the input's order. Standard error gets a progress
+bar (on a terminal) and, at the end, the throughput: sentences and output tokens per second,
+compilation included (the first batch of each length compiles its decoder).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
+
+from tqdm import tqdm
 
 from transformer_jax import runs
 from transformer_jax.cli.common import add_decode_arguments, add_run_arguments, read_lines
@@ -42,9 +50,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     sentences = (check_arguments(args.sentences) if args.sentences
                  else read_lines(args.input or "-"))
     run = runs.load_run(args.workdir, average_last=args.average_last, step=args.step)
-    if sentences:
-      for line in run.translate(sentences, beam_size=args.beam_size, alpha=args.alpha):
-        print(line)
+    if not sentences:
+      return 0
+    generated: list[int] = []  # Output tokens of each batch.
+    start = time.perf_counter()
+    # disable=None: a bar on a terminal only, so that a redirected stderr gets no control codes.
+    with tqdm(total=len(sentences), unit="sentence", file=sys.stderr, disable=None) as bar:
+      lines = run.translate(sentences, beam_size=args.beam_size, alpha=args.alpha,
+                            progress=lambda done, tokens: (bar.update(done), generated.append(tokens)))
+    seconds, tokens = time.perf_counter() - start, sum(generated)
+    for line in lines:
+      print(line)
+    print(f"translated {len(lines)} sentences ({tokens} output tokens) in {seconds:.1f} s: "
+          f"{len(lines) / seconds:.1f} sentences/s, {tokens / seconds:.0f} tokens/s "
+          "(compilation included)", file=sys.stderr)
     return 0
 
   return run_command(parser.prog, body)
