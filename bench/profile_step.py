@@ -87,7 +87,7 @@ def kind_of(name: str, instructions: dict, computations: dict, vocab_size: int) 
   shapes = " ".join([shape, *(s for _, s, _ in inner)])
   vocab = re.search(rf"[\[,]{vocab_size}[\],]", shapes) is not None
   # A product outside a fusion is one XLA:CPU left to Eigen rather than to YNNPACK's fusions, which
-  # ran the same product 2x to 3x faster on one core of a Zen 3 (layers.weight_gradient).
+  # ran the same product 2x to 3x faster on one core of a Zen 3 (kernels.weight_gradient).
   eigen = ", left to Eigen" if opcode in ("dot", "batched-dot") and jax.default_backend() == "cpu" else ""
   if "batched-dot" in opcodes:
     return "matrix products, attention (scores, values)" + eigen
