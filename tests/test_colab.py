@@ -143,11 +143,12 @@ def test_the_readme_and_notebooks_carry_links_written_from_the_one_url(monkeypat
   monkeypatch.delenv("TRANSFORMER_JAX_REPO_URL", raising=False)
   assert colab.sync_links(ROOT, write=False) == []  # `python -m transformer_jax.colab` writes them.
   readme = (ROOT / "README.md").read_text()
+  guide = (ROOT / "docs" / "notebooks.md").read_text()
   for path in NOTEBOOKS:
     cells = json.loads(path.read_text())["cells"]
     assert colab.badge(path.name) in "".join(cells[0]["source"]), path.name
     assert f'"TRANSFORMER_JAX_REPO_URL", "{colab.REPO_URL}")' in "".join(cells[1]["source"]), path.name
-    assert colab.colab_url(path.name) in readme, path.name
+    assert colab.colab_url(path.name) in readme and colab.colab_url(path.name) in guide, path.name
 
 
 def test_a_new_url_rewrites_every_link(tmp_path, monkeypatch):

@@ -43,6 +43,12 @@ def sentencepiece_model(sentences: list[str], vocab_size: int) -> bytes:
 @pytest.fixture(scope="module")
 def marian_dir(tmp_path_factory):
   directory = tmp_path_factory.mktemp("opus-mt-tiny")
+  write_marian_model(directory)
+  return str(directory)
+
+
+def write_marian_model(directory) -> None:
+  """A tiny MarianMTModel directory (weights, config, tokenizer files), as transformers saves one."""
   source, target = sentencepiece_model(ENGLISH, 40), sentencepiece_model(GERMAN, 44)
   # transformers' convert_marian_to_pytorch: Marian's vocab.yml ("</s>" 0, "<unk>" 1, then the
   # pieces of both sides), with "<pad>" added as the last id.
@@ -73,7 +79,6 @@ def marian_dir(tmp_path_factory):
       decoder_start_token_id=pad, eos_token_id=0, pad_token_id=pad, bad_words_ids=[[pad]],
       num_beams=4, max_length=64)
   model.save_pretrained(directory)
-  return str(directory)
 
 
 def padded(rows: list[list[int]]) -> np.ndarray:

@@ -113,7 +113,8 @@ def check_backend(*, strict: bool, root: str | os.PathLike = "/",
 
   Args:
     strict: raise instead of warning (the notebooks stop; a run warns and goes on).
-    root, environ: as for `host_accelerator`.
+    root: as for `host_accelerator`.
+    environ: as for `host_accelerator`.
 
   Returns:
     The warning given, or None.

@@ -71,8 +71,8 @@ def _rewrite(text: str) -> str:
 
 
 def sync_links(root: str | os.PathLike, *, write: bool = True) -> list[pathlib.Path]:
-  """Writes `repo_url()` into the Colab links of README.md and notebooks/*.ipynb and into the
-  notebooks' clone line.
+  """Writes `repo_url()` into the Colab links of README.md, docs/notebooks.md and
+  notebooks/*.ipynb and into the notebooks' clone line.
 
   Args:
     root: the repository's root.
@@ -83,7 +83,8 @@ def sync_links(root: str | os.PathLike, *, write: bool = True) -> list[pathlib.P
   """
   root = pathlib.Path(root)
   changed = []
-  for path in [root / "README.md", *sorted((root / "notebooks").glob("*.ipynb"))]:
+  documents = [path for path in (root / "README.md", root / "docs" / "notebooks.md") if path.exists()]
+  for path in [*documents, *sorted((root / "notebooks").glob("*.ipynb"))]:
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".ipynb":  # Cell by cell, written back as nbformat writes (byte for byte).
       notebook = json.loads(text)
@@ -171,7 +172,8 @@ def install(repo_dir: str | os.PathLike, *, dry_run: bool = False, root: str | o
   Args:
     repo_dir: the clone the notebook installed.
     dry_run: record the command without running it (the tests).
-    root, environ: as for `accelerators.host_accelerator`.
+    root: as for `accelerators.host_accelerator`.
+    environ: as for `accelerators.host_accelerator`.
 
   Raises:
     RestartRequired: the install replaced a module the session had imported.
@@ -199,7 +201,9 @@ def setup(repo_dir: str | os.PathLike, *, deterministic: bool = False, dry_run: 
     repo_dir: the clone the notebook installed.
     deterministic: make a GPU's reductions deterministic (XLA_FLAGS), for notebook 3's bit-exact
       resume; GPUs otherwise sum some gradients in a varying order.
-    dry_run, root, environ: as for `install`.
+    dry_run: as for `install`.
+    root: as for `install`.
+    environ: as for `install`.
 
   Raises:
     RestartRequired: as `install`.

@@ -38,7 +38,8 @@ class TransformerConfig:
     d_k: query/key width per head; None means d_model // num_heads (Table 3 row B sets it alone).
     d_v: value width per head; None means d_model // num_heads.
     num_layers: N, the number of layers in the encoder and in the decoder.
-    dropout_rate: P_drop, residual dropout on every sub-layer output and on the embedding sums.
+    dropout_rate: P_drop, residual dropout on every sub-layer output and on the embedding sums;
+      in [0, 1).
     max_len: the longest position the model is built for (the size of learned positions).
     positional_encoding: "sinusoidal" (section 3.5) or "learned" (Table 3 row E).
     norm_position: "post", LayerNorm(x + Dropout(Sublayer(x))) as in the paper, or "pre",
@@ -49,7 +50,7 @@ class TransformerConfig:
     dtype: compute dtype of activations and matmuls ("float32" or "bfloat16"). Logits, softmax
       and loss stay in float32 whatever this is.
     param_dtype: storage dtype of the parameters.
-    layer_norm_epsilon: epsilon of every LayerNorm.
+    layer_norm_epsilon: epsilon of every LayerNorm; > 0.
     activation: the feed-forward network's non-linearity: "relu" (section 3.3), or "swish" and
       "gelu" (exact, erf-based), which published Marian translation models use.
     logits_bias: a learned bias on the output logits (Marian has one; the paper does not).
@@ -78,7 +79,7 @@ class TransformerConfig:
   cpu_kernels: bool = True
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "d_ff", "num_heads", "num_layers", "max_len"):
+    for name in _POSITIVE_MODEL_FIELDS:
       _check_positive_int(name, getattr(self, name))
     for name in ("d_k", "d_v"):
       value = getattr(self, name)
@@ -136,6 +137,9 @@ class TransformerConfig:
     return cls(**values)
 
 
+_POSITIVE_MODEL_FIELDS = ("vocab_size", "d_model", "d_ff", "num_heads", "num_layers", "max_len")
+
+
 def _check_positive_int(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
     raise ConfigError(f"{name}={value!r} must be a positive integer")
@@ -154,7 +158,7 @@ def base_config() -> ml_collections.ConfigDict:
   does not exist raises an error that names it.
   """
   config = ml_collections.ConfigDict()
-  config.seed = 0
+  config.seed = 0  # Initialisation, dropout and data order all follow from it.
   # A Hugging Face Marian model directory whose weights start training (fine-tuning); its
   # architecture must be the one config.model describes (configs/marian.py reads it from there).
   config.init_from = ""
@@ -170,9 +174,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train = ml_collections.ConfigDict()
   config.train.num_steps = 100_000  # Base: 100K steps (section 5.2).
   config.train.warmup_steps = 4000  # Section 5.3.
-  config.train.adam_b1 = 0.9
-  config.train.adam_b2 = 0.98
-  config.train.adam_eps = 1e-9
+  config.train.adam_b1 = 0.9  # Adam's beta_1 (section 5.3).
+  config.train.adam_b2 = 0.98  # Adam's beta_2.
+  config.train.adam_eps = 1e-9  # Adam's epsilon.
   config.train.label_smoothing = 0.1  # epsilon_ls, section 5.4.
   # The loss's pre-softmax projection and softmax run over this many slices of the target length,
   # never holding all the [B, T, V] logits (kernels.vocabulary_metrics); the same arithmetic.
@@ -193,21 +197,21 @@ def base_config() -> ml_collections.ConfigDict:
   # > 0 (a departure): the learning rate falls linearly to 0 over this last fraction of the run,
   # of the time budget when there is one, else of num_steps (optim.cooldown_factor).
   config.train.cooldown_fraction = 0.0
-  config.train.log_every = 50
+  config.train.log_every = 50  # Steps between train metrics (metrics.jsonl, TensorBoard).
   config.train.eval_every = 1000  # Validation loss and BLEU.
   config.train.eval_bleu_sentences = 256  # Validation sentences decoded (greedily) for BLEU.
   config.train.samples_to_print = 5  # Test translations printed at the end.
   config.train.test_sentences = 0  # Test sentences translated at the end; 0: all of them.
-  config.train.checkpoint_every = 1000
-  config.train.checkpoints_to_keep = 5
+  config.train.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
+  config.train.checkpoints_to_keep = 5  # The newest kept (at least checkpoints_to_average).
   config.train.peak_flops = 0.0  # Per-device peak FLOP/s for MFU when the device is not known.
 
   # Logical axis names -> mesh axes. Default: pure data parallelism over every device.
   config.mesh = ml_collections.ConfigDict()
-  config.mesh.data = -1
-  config.mesh.fsdp = 1
-  config.mesh.tensor = 1
-  config.mesh.rules = (
+  config.mesh.data = -1  # Data-parallel ways; -1: the devices the other axes leave.
+  config.mesh.fsdp = 1  # Ways the parameters and Adam's moments are split (FSDP).
+  config.mesh.tensor = 1  # Tensor parallelism: heads, d_ff and the vocabulary split.
+  config.mesh.rules = (  # Logical axis -> mesh axes.
       ("batch", ("data", "fsdp")),
       ("vocab", "tensor"),
       ("heads", "tensor"),
@@ -220,13 +224,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.dataset = "bible"  # "bible" (offline, the default), "wmt14" or "text".
   config.data.source_lang = "en"  # The paper's direction: English to German.
-  config.data.target_lang = "de"
+  config.data.target_lang = "de"  # Language codes name the dataset and the tokenized BLEU.
   config.data.data_dir = config_dict.placeholder(str)  # tfds data_dir; None: tfds' default.
   config.data.manual_dir = config_dict.placeholder(str)  # WMT archives downloaded by hand.
   # dataset="text": each split is a tab-separated file or "SOURCE_FILE,TARGET_FILE".
   config.data.text_train = ""
-  config.data.text_validation = ""
-  config.data.text_test = ""
+  config.data.text_validation = ""  # The same, for validation.
+  config.data.text_test = ""  # The same, for the test at the end.
   config.data.skip_bad_lines = False  # Skip and count malformed lines instead of failing.
   config.data.tokenizer = "bpe"  # SentencePiece model type: "bpe" (the paper) or "unigram".
   config.data.tokenizer_max_sentences = 2_000_000  # Sentences sampled to train it.
@@ -308,6 +312,22 @@ _RUN_FIELDS = {
     "decode.max_extra_len": (_INT, 0, False),
     "decode.tokens_per_batch": (_INT, 0, False),
 }
+_BELOW_ONE = ("train.adam_b1", "train.adam_b2", "train.label_smoothing", "train.cooldown_fraction")
+
+# field -> the section of the paper it follows, for the generated configuration reference (docs/).
+PAPER_SECTIONS = {
+    "model.vocab_size": "3.4, 5.1", "model.d_model": "3, Table 3", "model.d_ff": "3.3, Table 3",
+    "model.num_heads": "3.2.2, Table 3", "model.d_k": "3.2.2, Table 3 (B)", "model.d_v": "3.2.2, Table 3",
+    "model.num_layers": "3.1, Table 3", "model.dropout_rate": "5.4, Table 3",
+    "model.positional_encoding": "3.5, Table 3 (E)", "model.norm_position": "3.1",
+    "model.attention_impl": "3.2.1", "model.activation": "3.3",
+    "train.num_steps": "5.2", "train.warmup_steps": "5.3", "train.adam_b1": "5.3", "train.adam_b2": "5.3",
+    "train.adam_eps": "5.3", "train.label_smoothing": "5.4, Table 3 (D)", "train.schedule": "5.3",
+    "train.learning_rate_scale": "5.3", "train.checkpoints_to_average": "6.1",
+    "data.dataset": "5.1", "data.source_lang": "5.1", "data.target_lang": "5.1", "data.tokenizer": "5.1",
+    "data.tokens_per_batch": "5.1", "decode.beam_size": "6.1", "decode.length_penalty": "6.1",
+    "decode.max_extra_len": "6.1",
+}
 
 
 def decode_tokens_per_batch(config: ml_collections.ConfigDict) -> int:
@@ -335,9 +355,10 @@ def validate_run_config(config: ml_collections.ConfigDict) -> TransformerConfig:
     if not number or value < low or (open_low and value == low):
       accepted = f"> {low}" if open_low else f">= {low}"
       raise ConfigError(f"{field}={value!r} is not accepted; it must be a number {accepted}")
-  for name in ("adam_b1", "adam_b2", "label_smoothing", "cooldown_fraction"):  # In [0, 1).
-    if config.train[name] >= 1.0:
-      raise ConfigError(f"train.{name}={config.train[name]!r} must be below 1")
+  for field in _BELOW_ONE:
+    section, _, name = field.partition(".")
+    if config[section][name] >= 1.0:
+      raise ConfigError(f"{field}={config[section][name]!r} must be below 1")
   if not isinstance(config.init_from, str):
     raise ConfigError(f"init_from={config.init_from!r} must be a directory path or empty")
   check_choice("train.schedule", config.train.schedule, SCHEDULES)

@@ -179,7 +179,10 @@ def save(params: Any, cfg: TransformerConfig, pieces: Sequence[str], output_dir:
   SentencePiece models that turn text into the pieces it translates).
 
   Args:
-    params, cfg, pieces, max_positions: as for `model_spec`.
+    params: as for `model_spec`.
+    cfg: as for `model_spec`.
+    pieces: as for `model_spec`.
+    max_positions: as for `model_spec`.
     output_dir: where to write (created; files already there are overwritten).
     spm_files: files to copy in, e.g. `Tokenizer.spm_files()`.
     quantization: the stored weight type (one of QUANTIZATIONS); None keeps float32.

@@ -31,7 +31,8 @@ def export(workdir: str, output_dir: str, *, average_last: int = 1, step: int | 
   Args:
     workdir: the run's directory.
     output_dir: where to write (created).
-    average_last, step: which checkpoints, as for `runs.load_run`.
+    average_last: which checkpoints, as for `runs.load_run`.
+    step: which checkpoint, as for `runs.load_run`.
 
   Returns:
     `output_dir`.
@@ -78,7 +79,8 @@ def export_ctranslate2(workdir: str, output_dir: str, *, average_last: int = 1,
   Args:
     workdir: the run's directory.
     output_dir: where to write (created).
-    average_last, step: which checkpoints, as for `runs.load_run`.
+    average_last: which checkpoints, as for `runs.load_run`.
+    step: which checkpoint, as for `runs.load_run`.
     quantization: the stored weight type (`ctranslate2_export.QUANTIZATIONS`); None: float32.
 
   Returns:

@@ -106,8 +106,9 @@ class Transformer(nn.Module):
       encoded: [B, S, D] the encoder output.
       src: [B, S] the source tokens (their padding masks encoder-decoder attention).
       tgt_in: [B, T] decoder inputs: BOS_ID, then the target tokens so far.
-      src_segments, tgt_segments, tgt_positions: as in `encode`; tgt_segments defaults to the
-        padding of `tgt_in`.
+      src_segments: as in `encode`.
+      tgt_segments: as in `encode`; defaults to the padding of `tgt_in`.
+      tgt_positions: as in `encode`.
       train: enables dropout.
       decode_index: incremental decoding: `tgt_in` holds the tokens at positions
         decode_index .. decode_index + T - 1, and the "cache" collection (mutable) holds the keys

@@ -68,7 +68,7 @@ class StopRequests:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches,
+def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches: pipeline.EpochBatches,
           evaluate: Callable[[Any, int], dict] | None = None,
           stop: StopRequests | None = None,
           initial_params: Callable[[], Any] | None = None) -> TrainState:

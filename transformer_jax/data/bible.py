@@ -58,6 +58,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import tensorflow_datasets as tfds
 
@@ -134,7 +135,9 @@ def clean_verse(text: str, book: int, chapter: int, verse: int) -> str:
 
   Args:
     text: the verse as stored in bible.db.
-    book, chapter, verse: its reference; some rules apply only to the Psalms.
+    book: the verse's book; some rules apply only to the Psalms.
+    chapter: its chapter.
+    verse: its number in the chapter.
 
   Returns:
     The verse as plain text, "" when the package marks it as missing.
@@ -300,11 +303,12 @@ PAIRS = {config.name: tuple(TRANSLATIONS[t].lang for t in config.translations)
 
 
 def make_builder(source_lang: str, target_lang: str, data_dir: str | None = None,
-                 **kwargs) -> Bible:
+                 **kwargs: Any) -> Bible:
   """The array_record builder for a language pair (not prepared yet if it is new).
 
   Args:
-    source_lang, target_lang: language codes, in either order of a config.
+    source_lang: a language code; the pair in either order of a config.
+    target_lang: the other language code.
     data_dir: tfds data_dir; None means tfds' default.
     **kwargs: wheel_path, cache_dir or wheel_sha256 (see `Bible`).
 

@@ -32,6 +32,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import tensorflow_datasets as tfds
 
@@ -77,7 +78,7 @@ def parse_spec(spec: str) -> tuple[str, ...]:
   return tuple(os.path.abspath(p) for p in parts)
 
 
-def fingerprint(files: Sequence[str], **options) -> str:
+def fingerprint(files: Sequence[str], **options: Any) -> str:
   """A short hash of the files' paths, sizes and modification times, and of `options`.
 
   Args:
@@ -244,7 +245,8 @@ def make_config(split: str, spec: str, source_lang: str, target_lang: str,
   Args:
     split: "train", "validation" or "test".
     spec: the value of `data.text_<split>`: "file.tsv" or "SOURCE_FILE,TARGET_FILE".
-    source_lang, target_lang: the codes under which the two sides are stored.
+    source_lang: the code under which the source side is stored.
+    target_lang: the code under which the target side is stored.
     skip_bad_lines: skip and count malformed lines instead of failing.
 
   Returns:
@@ -275,7 +277,11 @@ def make_builder(split: str, spec: str, source_lang: str, target_lang: str, *,
   """The array_record builder of one split (not prepared yet if its inputs are new).
 
   Args:
-    split, spec, source_lang, target_lang, skip_bad_lines: see `make_config`.
+    split: see `make_config`.
+    spec: see `make_config`.
+    source_lang: see `make_config`.
+    target_lang: see `make_config`.
+    skip_bad_lines: see `make_config`.
     data_dir: tfds data_dir; None means tfds' default.
 
   Returns:

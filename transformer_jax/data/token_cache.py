@@ -99,8 +99,9 @@ def tokenize_corpus(examples: Sequence[dict], source_lang: str, target_lang: str
   Args:
     examples: random-access examples, each a dict mapping language codes to UTF-8 bytes (a tfds
       data source, or anything picklable with a length and indexing).
-    source_lang, target_lang: the keys of the two sides.
-    tokenizer: a `transformer_jax.tokenizer.Tokenizer` (or `MarianVocabTokenizer`).
+    source_lang: the key of the source side.
+    target_lang: the key of the target side.
+    tokenizer (Tokenizer): a `transformer_jax.tokenizer.Tokenizer` (or `MarianVocabTokenizer`).
     cache_path: a directory (local or gs://...) to memory-map the arrays from, or to write them to
       after tokenizing and then map.
     chunk_size: examples per unit of work.

@@ -169,7 +169,8 @@ def make_builder(source_lang: str, target_lang: str,
   """The array_record builder for a language pair (not prepared yet if it is new).
 
   Args:
-    source_lang, target_lang: language codes, in either direction of a config.
+    source_lang: a language code; the pair in either direction of a config.
+    target_lang: the other language code.
     data_dir: tfds data_dir; None means tfds' default.
 
   Returns:
