@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from transformer_jax import accelerators, colab
+from transformer_jax import colab
 from transformer_jax.accelerators import AcceleratorError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
