@@ -35,13 +35,15 @@ def main(argv):
   logging.getLogger("transformer_jax").setLevel(logging.INFO)
 
   def run() -> None:
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           heartbeat_timeout_s=_CONFIG.value.train.heartbeat_timeout_seconds)
     cpu.keep_cpu_step_memory()  # CPU backends only; before anything else starts JAX's backends.
     distributed.check_started()  # Several processes without a coordinator: stop now, naming the flags.
     accelerators.check_backend(strict=False)  # A GPU or TPU that JAX does not use: say so first.
     experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
-  # A bad value, file or checkpoint is one line naming it (exit 2), not a traceback.
+  # A bad value, file or checkpoint is one line naming it (exit 2), not a traceback; so is a lost
+  # process (exit 75: rerun to resume).
   sys.exit(errors.run_command("train.py", run))
 
 

@@ -4,6 +4,7 @@
 python tests/tiny_run.py --workdir DIR --steps N [--devices D] [--fsdp F]
     [--process_id I --num_processes P --coordinator 127.0.0.1:PORT] [--dump FILE.npz]
     [--translate FILE.json] [--cooldown FRACTION] [--budget_minutes M] [--sigterm_at N]
+    [--heartbeat SECONDS]
 
 --translate, after training (or restoring a run already at N steps), translates 64 sources of the
 made-up corpus greedily and with beam 4 and writes the outputs (token ids) from process 0.
@@ -34,6 +35,8 @@ def parse():
   parser.add_argument("--budget_minutes", type=float, default=0.0, help="train.time_budget_minutes")
   parser.add_argument("--sigterm_at", type=int, default=0,
                       help="send this process SIGTERM during step N (a preemption; N even)")
+  parser.add_argument("--heartbeat", type=float, default=10.0,
+                      help="train.heartbeat_timeout_seconds: a process silent this long stops the run")
   parser.add_argument("--learn", action="store_true",
                       help="settings under which the tiny model learns quickly (its outputs vary)")
   return parser.parse_args()
@@ -123,13 +126,21 @@ def free_port():
     return s.getsockname()[1]
 
 
-def run_two_processes(workdir, steps, *extra):
-  """tests/tiny_run.py as two processes of 2 devices each under jax.distributed; their outputs."""
+def start_two_processes(workdir, steps, *extra, devices=2,
+                        outputs=(subprocess.PIPE, subprocess.PIPE)):
+  """tests/tiny_run.py as two processes of `devices` devices each under jax.distributed, started;
+  each writes its stdout and stderr to its own of `outputs` (files, or pipes by default)."""
   port = free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, TINY_RUN, "--workdir", str(workdir), "--steps", str(steps), "--devices", "2",
+  return [subprocess.Popen(
+      [sys.executable, TINY_RUN, "--workdir", str(workdir), "--steps", str(steps), "--devices", str(devices),
        "--num_processes", "2", "--process_id", str(i), "--coordinator", f"127.0.0.1:{port}", *extra],
-      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+      cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, text=True) for i, output in enumerate(outputs)]
+
+
+def run_two_processes(workdir, steps, *extra, devices=2):
+  """tests/tiny_run.py as two processes of `devices` devices each under jax.distributed; their
+  outputs."""
+  procs = start_two_processes(workdir, steps, *extra, devices=devices)
   try:
     outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
   finally:
@@ -144,12 +155,18 @@ def main():
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
   os.environ["JAX_PLATFORMS"] = "cpu"
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from transformer_jax import errors
+  # As train.py: a lost process is one line and exit status 75, not a traceback.
+  sys.exit(errors.run_command("tiny_run.py", lambda: run(args)))
+
+
+def run(args):
   import jax
-  from transformer_jax import cpu, steps, trainer
+  from transformer_jax import cpu, distributed, steps, trainer
   from transformer_jax.optim import find_cooldown
   if args.coordinator:
-    jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id,
-                               heartbeat_timeout_seconds=10, shutdown_timeout_seconds=10)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           heartbeat_timeout_s=args.heartbeat)
   cpu.keep_cpu_step_memory()  # As train.py does, after jax.distributed and before anything else.
   import numpy as np
 
@@ -157,6 +174,7 @@ def main():
   config.mesh.fsdp = args.fsdp
   config.train.cooldown_fraction = args.cooldown
   config.train.time_budget_minutes = args.budget_minutes
+  config.train.heartbeat_timeout_seconds = args.heartbeat
   if args.learn:
     config.train.update(dict(label_smoothing=0.0, schedule="constant", learning_rate=2e-3,
                              warmup_steps=50))

@@ -13,7 +13,9 @@ restores it stops rather than start from scratch.
 
 from __future__ import annotations
 
+import itertools
 import json
+import shutil
 import logging
 import time
 from typing import Any
@@ -25,12 +27,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from transformer_jax import paths
-from transformer_jax.errors import CheckpointError, ConfigError, NonFiniteError
+from transformer_jax import paths, peers
+from transformer_jax.errors import CheckpointError, ConfigError, NonFiniteError, StorageError
 from transformer_jax.optim import cooldown_fraction, find_cooldown
 from transformer_jax.steps import Setup, TrainState
 
 log = logging.getLogger(__name__)
+
+SAVE_ATTEMPTS = 3  # A failed save is tried this many times in all, 1 s and then 2 s apart.
 
 
 def make_manager(workdir: str, train: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -86,6 +90,77 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_state: dict,
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave(data_state),
       config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
+
+
+def save_retrying(manager: ocp.CheckpointManager, state: TrainState, data_state: dict,
+                  config: ml_collections.ConfigDict, *, wait: bool = False,
+                  saving: bool = False, attempts: int = SAVE_ATTEMPTS) -> ocp.CheckpointManager:
+  """Saves as `save` does (with `wait`, until it is written), trying again when it fails. With
+  `saving`, the state's step is being saved already: the first try only waits for it.
+
+  A write to an object store can fail for a moment. orbax reports a failed asynchronous save at
+  the next save or wait, and then at every call, so a retry closes the manager, opens a new one
+  (which removes the half-written step) and saves the state it has now. Every process retries
+  together: they agree on whether any of them failed.
+
+  Returns:
+    The manager to use from now on (a new one after a retry).
+
+  Raises:
+    StorageError: after `attempts` failures, naming the directory, the error and the newest
+      complete checkpoint (which the failed saves left as it was).
+  """
+  step = int(jax.device_get(state.step))
+  for attempt in itertools.count(1):
+    error = None
+    try:
+      if attempt > 1 or not saving:
+        save(manager, state, data_state, config)
+      if wait:
+        manager.wait_until_finished()
+    except Exception as e:  # orbax, TensorStore and the filesystems raise many kinds.
+      if peers.is_peer_failure(e):
+        raise
+      error = e
+    if not _on_any_process(error is not None):
+      return manager
+    try:
+      manager.close()
+    except Exception:  # The same error again.
+      pass
+    directory = manager.directory
+    reason = _summary(error) if error is not None else "it failed on another process"
+    if attempt == attempts:
+      complete = saved_steps(directory.parent)
+      kept = (f"checkpoint {complete[-1]} is complete, and running the same command again resumes "
+              f"from it" if complete else "no checkpoint is complete yet")
+      raise StorageError(f"saving checkpoint {step} to {directory} failed {attempts} times, the "
+                         f"last with {reason}; the run stops. {kept[0].upper()}{kept[1:]}.")
+    delay = 2.0 ** (attempt - 1)
+    log.warning("A checkpoint save to %s failed (%s); saving step %d again in %g s (attempt %d of "
+                "%d).", directory, reason, step, delay, attempt + 1, attempts)
+    time.sleep(delay)
+    _remove_partial(directory, step)
+    manager = make_manager(directory.parent, config.train)
+
+
+def _remove_partial(directory, step: int) -> None:
+  """Removes what a failed save of `step` left (process 0, the others waiting), so that the retry
+  starts from nothing: orbax's own clean-up can trip over the files a failed save left behind."""
+  if jax.process_index() == 0:
+    for partial in directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      if paths.is_remote(partial):
+        partial.rmtree(missing_ok=True)
+      else:  # The failed save's last writes may still be landing; orbax removes what they leave.
+        shutil.rmtree(partial, ignore_errors=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"remove partial checkpoint {step}")
+
+
+def _on_any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.asarray(multihost_utils.process_allgather(np.array(flag))).any())
 
 
 def restore(manager: ocp.CheckpointManager, setup: Setup, step: int | None = None, *,

@@ -205,6 +205,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 1000  # Steps between checkpoints (and one at the end).
   config.train.checkpoints_to_keep = 5  # The newest kept (at least checkpoints_to_average).
   config.train.peak_flops = 0.0  # Per-device peak FLOP/s for MFU when the device is not known.
+  # Multi-process runs: a process silent this long (dead, stopped, hung) stops the run on every
+  # other process with one line and exit status 75 (peers.py); jax.distributed's coordination
+  # service is given a longer heartbeat timeout. JAX's own default, sized for pods.
+  config.train.heartbeat_timeout_seconds = 100.0
 
   # Logical axis names -> mesh axes. Default: pure data parallelism over every device.
   config.mesh = ml_collections.ConfigDict()
@@ -301,6 +305,7 @@ _RUN_FIELDS = {
     "train.checkpoint_every": (_INT, 1, False),
     "train.checkpoints_to_keep": (_INT, 1, False),
     "train.peak_flops": (_FLOAT, 0.0, False),
+    "train.heartbeat_timeout_seconds": (_FLOAT, 0.0, True),
     "data.tokenizer_max_sentences": (_INT, 1, False),
     "data.max_len": (_INT, 2, False),
     "data.tokens_per_batch": (_INT, 1, False),

@@ -92,7 +92,7 @@ def detect_cluster() -> Cluster | None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> Cluster | None:
+               process_id: int | None = None, heartbeat_timeout_s: float = 100.0) -> Cluster | None:
   """Starts jax.distributed for a run of several processes; before anything starts a backend.
 
   Args:
@@ -100,6 +100,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       required and no detection happens.
     num_processes: the number of processes (explicit start only).
     process_id: this process's index (explicit start only).
+    heartbeat_timeout_s: how long a process may be silent before the others stop the run
+      (`train.heartbeat_timeout_seconds`, watched by `peers.Watch`); the coordination service
+      gets a longer one (`service_heartbeat_timeout`), so that the watch acts first.
 
   Returns:
     How the run was started, or None for a single process (nothing initialised).
@@ -109,19 +112,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   """
   flags = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
            "--process_id": process_id}
+  timeouts = dict(heartbeat_timeout_seconds=service_heartbeat_timeout(heartbeat_timeout_s))
   if any(value is not None for value in flags.values()):
     missing = [name for name, value in flags.items() if value is None]
     if missing:
       raise DistributedError(f"{', '.join(missing)} missing: a multi-process start by flags needs "
                              f"all three, {FLAGS}")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, **timeouts)
     cluster = Cluster("flags", num_processes, process_id)
   else:
     cluster = detect_cluster()
     if cluster is None or cluster.num_processes < 2:
       return None
     try:
-      jax.distributed.initialize()
+      jax.distributed.initialize(**timeouts)
     except (RuntimeError, ValueError) as e:
       raise DistributedError(f"JAX detected a {cluster.name} cluster of {cluster.num_processes} "
                              f"processes but could not start jax.distributed on it: {e}; to start "
@@ -131,6 +135,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   log.info("jax.distributed started (%s): process %d of %d.", cluster.name, cluster.process_id,
            cluster.num_processes)
   return cluster
+
+
+def service_heartbeat_timeout(timeout_s: float) -> int:
+  """The coordination service's heartbeat timeout for a `peers.Watch` of `timeout_s`: long enough
+  that the watch stops the run (one line) before the service aborts it (a C++ stack dump)."""
+  return int(timeout_s + max(10.0, timeout_s / 2))
 
 
 def _missing_service_message() -> str:

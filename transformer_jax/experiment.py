@@ -113,6 +113,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       checkpoint (`errors.UserError`).
     NonFiniteError: if training diverged.
   """
+  started = time.monotonic()  # Goodput counts what follows until the first step as startup.
   model_config = validate_run_config(config)
   workdir = paths.resolve(workdir)
   if config.init_from and not checkpoints.saved_steps(workdir):
@@ -147,7 +148,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     initial_params = (lambda: marian.load_params(config.init_from, model_config)) if config.init_from else None
     state = trainer.train(config, workdir, setup, batches, evaluate_validation, stop=stop,
-                          initial_params=initial_params)
+                          initial_params=initial_params, started=started)
   finally:
     stop.close()
   step = int(jax.device_get(state.step))

@@ -9,6 +9,8 @@ Object stores have no atomic rename and no appending: `write_bytes_atomic` write
 object and moves it into place (readers never see half a file: an object appears when its upload
 completes), and `AppendLog` rewrites a small log whole where appending is not possible. Memory
 mapping needs a local file, so `local_copy` mirrors a remote directory to the host's disk once.
+A write that fails is tried again a few times (`retrying`: object stores fail for a moment), then
+stops the run with a `StorageError` naming the file.
 """
 
 from __future__ import annotations
@@ -17,10 +19,33 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
 
 from etils import epath
 
+from transformer_jax.errors import StorageError
+
 PathLike = str | os.PathLike
+WRITE_ATTEMPTS = 3  # A failed write is tried this many times in all, 1 s and then 2 s apart.
+
+
+def retrying(what: str, write: Callable[[], Any], attempts: int = WRITE_ATTEMPTS) -> Any:
+  """`write()`, tried again after 1 s, 2 s, ... while it raises an OSError, `attempts` times in all.
+
+  Raises:
+    StorageError: naming `what` (the path) and the last error.
+  """
+  for attempt in range(1, attempts + 1):
+    try:
+      return write()
+    except OSError as e:
+      if attempt == attempts:
+        raise StorageError(f"writing {what} failed {attempts} times, the last with "
+                           f"{type(e).__name__}: {e}; the run stops") from e
+      time.sleep(2.0 ** (attempt - 1))
+  raise AssertionError("attempts must be >= 1")
 
 
 def is_remote(path: PathLike) -> bool:
@@ -64,12 +89,16 @@ class AppendLog:
       self._file = open(self.path, "a", encoding="utf-8")
 
   def write(self, line: str) -> None:
+    """Adds `line`, tried again a few times if the write fails (`retrying`).
+
+    Raises:
+      StorageError: naming the file, if every try failed.
+    """
     if self._remote:
       self._lines += line
-      self.path.write_text(self._lines)
+      retrying(os.fspath(self.path), lambda: self.path.write_text(self._lines))
     else:
-      self._file.write(line)
-      self._file.flush()
+      retrying(os.fspath(self.path), lambda: (self._file.write(line), self._file.flush()))
 
   def close(self) -> None:
     if not self._remote:

@@ -23,10 +23,12 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from transformer_jax import checkpoints, paths
+from transformer_jax import checkpoints, paths, peers
 from transformer_jax.data import pipeline
+from transformer_jax.errors import StorageError
 from transformer_jax.flops import peak_flops_per_device
-from transformer_jax.metrics import MetricsWindow, MetricWriter
+from transformer_jax.goodput import Goodput
+from transformer_jax.metrics import MetricsWindow, MetricWriter, read_metrics
 from transformer_jax.cooldown import Cooldown
 from transformer_jax.steps import Setup, TrainState, root_keys
 from transformer_jax.validation import ValidationWatch
@@ -71,7 +73,8 @@ class StopRequests:
 def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches: pipeline.EpochBatches,
           evaluate: Callable[[Any, int], dict] | None = None,
           stop: StopRequests | None = None,
-          initial_params: Callable[[], Any] | None = None) -> TrainState:
+          initial_params: Callable[[], Any] | None = None,
+          started: float | None = None) -> TrainState:
   """Runs (or resumes) training until `config.train.num_steps`, the time budget, or SIGTERM.
 
   Args:
@@ -85,10 +88,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
       default SIGTERM and `train.time_budget_minutes`, counted from this call.
     initial_params: returns the parameters to start from (fine-tuning) instead of a fresh
       initialisation; called only when the run has no checkpoint to resume.
+    started: `time.monotonic()` when this attempt started, for goodput (what came before this
+      call counts as startup); default: now.
 
   Raises:
     NonFiniteError: if a loss or the state became NaN or Inf; nothing non-finite is saved.
     CheckpointError: if the run has checkpoints and none of them restores.
+    StorageError: if a checkpoint or the metrics could not be written, even after retries.
+    PeerLostError: if another process of the run was lost (`peers`); a process that is silent
+      for `train.heartbeat_timeout_seconds` ends this one from the watch's thread instead.
 
   Returns:
     The final train state (also saved as the last checkpoint).
@@ -96,7 +104,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
   train_cfg = config.train
   workdir = paths.resolve(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  manager, restored = checkpoints.restore_for_training(workdir, train_cfg, setup)
+  goodput = Goodput(started, previous=(read_metrics(workdir, "goodput") or [None])[-1])
+  position = _Position(workdir)
+  watch = peers.Watch(train_cfg.heartbeat_timeout_seconds, position).start()
+  try:
+    with goodput.time("checkpoints"):
+      manager, restored = checkpoints.restore_for_training(workdir, train_cfg, setup)
+  except Exception as e:
+    if peers.is_peer_failure(e):
+      raise watch.lost_error(e) from e
+    watch.close()
+    raise
   data = iter(pipeline.make_dataset(batches, num_workers=config.data.num_workers))
   if restored is None:
     state = setup.init_state(config.seed, initial_params() if initial_params else None)
@@ -110,45 +128,56 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
   writer = MetricWriter(workdir)  # Its clock starts with the budget's.
   window = MetricsWindow(setup.model_config,
                          peak_flops_per_device(setup.model_config.dtype, train_cfg.peak_flops))
-  step = first_step = int(jax.device_get(state.step))
+  step = first_step = position.step = int(jax.device_get(state.step))
   last_saved = manager.latest_step()
   cooldown = Cooldown.for_run(train_cfg, stop.deadline)
   if cooldown:
     state = cooldown.place(state, step)
   end_step = min(train_cfg.num_steps, cooldown.end_step) if cooldown else train_cfg.num_steps
-  watch = ValidationWatch(workdir, train_cfg, step) if evaluate is not None else None
-  if watch and watch.should_stop():
+  watch_validation = ValidationWatch(workdir, train_cfg, step) if evaluate is not None else None
+  if watch_validation and watch_validation.should_stop():
     log.info("This run stopped early at its last validation pass (train.early_stopping_passes); "
              "there is nothing left to train.")
     end_step = step
   progress = _progress(end_step, step)
   sync_every = min(10, train_cfg.log_every)  # Processes agree on stopping every this many steps.
   train_loss = None  # The last logged training loss, beside each validation pass.
+  skip_closing = False
+  goodput.start_training()
 
   try:
     while step < end_step:
+      begin = time.monotonic()
       local = next(data)
-      state, metrics = setup.train_step(state, setup.put_batch(local), dropout_key)
+      batch = setup.put_batch(local)
+      goodput.add("data", time.monotonic() - begin)
+      begin = time.monotonic()
+      state, metrics = setup.train_step(state, batch, dropout_key)
       window.add(metrics, local)
       step += 1
+      if step == first_step + 1:  # Compiled and run: the first step is compilation time.
+        jax.block_until_ready(metrics)
+      goodput.add(goodput.step_part(step, first=step == first_step + 1), time.monotonic() - begin)
+      position.step = step
       progress.update(1)
       if step % train_cfg.log_every == 0:
-        train_loss = _log_window(window, writer, progress, step, last_saved, end_step,
-                                 stop.deadline) or train_loss
+        train_loss = _log_window(window, writer, goodput, progress, step, last_saved,
+                                 end_step, stop.deadline) or train_loss
       if step % train_cfg.checkpoint_every == 0:
-        train_loss = _log_window(window, writer, progress, step, last_saved, end_step,
-                                 stop.deadline) or train_loss
-        last_saved = _save(manager, state, data, config, step, last_saved)
+        train_loss = _log_window(window, writer, goodput, progress, step, last_saved,
+                                 end_step, stop.deadline) or train_loss
+        with goodput.time("checkpoints"):
+          manager, last_saved = _save(manager, state, data, config, step, last_saved)
       if evaluate is not None and step % train_cfg.eval_every == 0:
-        train_loss = _log_window(window, writer, progress, step, last_saved, end_step,
-                                 stop.deadline) or train_loss
-        metrics = evaluate(state.params, step)
-        writer.write(step, "validation", metrics)
-        window.restart_clock()
-        if watch.after_pass(step, metrics, state.params, train_loss):
-          break
+        train_loss = _log_window(window, writer, goodput, progress, step, last_saved,
+                                 end_step, stop.deadline) or train_loss
+        with goodput.time("evaluation"):
+          metrics = evaluate(state.params, step)
+          writer.write(step, "validation", metrics)
+          window.restart_clock()
+          if watch_validation.after_pass(step, metrics, state.params, train_loss):
+            break
       if cooldown and step == first_step + 1:  # The pace's first mark: the first step compiled.
-        jax.block_until_ready(metrics)
         cooldown.mark(step)
       if step % sync_every == 0:
         if cooldown:
@@ -158,8 +187,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
         if cooldown:
           state = cooldown.aim(state, step)
           end_step = cooldown.end_step
-    _log_window(window, writer, progress, step, last_saved, end_step, stop.deadline)
-    last_saved = _save(manager, state, data, config, step, last_saved)
+    _log_window(window, writer, goodput, progress, step, last_saved, end_step, stop.deadline)
+    with goodput.time("checkpoints"):
+      manager, last_saved = _save(manager, state, data, config, step, last_saved, wait=True)
     if stop.reason == "sigterm":
       log.warning("Stopped by SIGTERM at step %d; the checkpoint is saved.", step)
     elif stop.reason == "time":
@@ -168,39 +198,72 @@ def train(config: ml_collections.ConfigDict, workdir: str, setup: Setup, batches
       log.info("The cooldown ended at step %d.", step)
     if (evaluate is not None and step % train_cfg.eval_every != 0 and stop.reason != "sigterm"
         and step > first_step):
-      metrics = evaluate(state.params, step)
-      writer.write(step, "validation", metrics)
-      watch.after_pass(step, metrics, state.params, train_loss)
+      with goodput.time("evaluation"):
+        metrics = evaluate(state.params, step)
+        writer.write(step, "validation", metrics)
+        watch_validation.after_pass(step, metrics, state.params, train_loss)
+    writer.write(step, "goodput", goodput.record(ended=stop.reason or "steps"))
+    if jax.process_index() == 0:
+      log.info("%s", goodput.summary())
+  except Exception as e:
+    # Closing the manager waits for every process (it would wait for a lost one), and a manager
+    # whose saves kept failing is closed already (and would raise its error again).
+    skip_closing = isinstance(e, StorageError) or peers.is_peer_failure(e)
+    if peers.is_peer_failure(e):
+      raise watch.lost_error(e) from e
+    raise
   finally:
+    watch.close()
     progress.close()
-    manager.wait_until_finished()
-    manager.close()
+    if not skip_closing:
+      manager.wait_until_finished()
+      manager.close()
     if own_stop:
       stop.close()
     writer.close()
   return state
 
 
+class _Position:
+  """Where training stands, for the message of a lost process (`peers.Watch` calls it from its
+  thread): the last step done, and the checkpoint the run would resume from."""
+
+  def __init__(self, workdir: paths.epath.Path):
+    self.workdir = workdir
+    self.step: int | None = None
+
+  def __call__(self) -> tuple[str, str]:
+    at = "before training started" if self.step is None else f"after step {self.step}"
+    complete = checkpoints.saved_steps(self.workdir)
+    if not complete:
+      return at, "its start (no checkpoint is complete)"
+    return at, f"checkpoint {complete[-1]} in {self.workdir / 'checkpoints'}"
+
+
 def _save(manager, state: TrainState, data, config: ml_collections.ConfigDict, step: int,
-          last_saved: int | None) -> int:
-  """Saves the state and the data position as checkpoint `step`, unless it is saved already;
-  the last step saved. Call it after the window's losses are logged (and so checked): nothing
-  non-finite is saved."""
+          last_saved: int | None, wait: bool = False) -> tuple[Any, int]:
+  """Saves the state and the data position as checkpoint `step`, unless it is saved already
+  (with `wait`, waits until every save is written); the manager to use from now on (a new one
+  after a retry) and the last step saved. Call it after the window's losses are logged (and so
+  checked): nothing non-finite is saved."""
   if last_saved != step:
     checkpoints.check_finite(state, last_saved)
-    checkpoints.save(manager, state, data.get_state(), config)
-  return step
+  if last_saved != step or wait:
+    manager = checkpoints.save_retrying(manager, state, data.get_state(), config, wait=wait,
+                                        saving=last_saved == step)
+  return manager, step
 
 
-def _log_window(window: MetricsWindow, writer: MetricWriter, progress, step: int,
+def _log_window(window: MetricsWindow, writer: MetricWriter, goodput: Goodput, progress, step: int,
                 last_saved: int | None, end_step: int, deadline: float) -> float | None:
-  """Writes the window's summary and shows it on the progress bar, with the time left: by steps
-  at the current rate, or by the time budget, whichever ends first. Returns its loss (None if the
-  window was empty)."""
+  """Writes the window's summary and the goodput so far, and shows the summary on the progress
+  bar, with the time left: by steps at the current rate, or by the time budget, whichever ends
+  first. Returns its loss (None if the window was empty)."""
   summary = window.summary(step, last_saved)
   if summary is None:
     return None
   writer.write(step, "train", summary)
+  writer.write(step, "goodput", goodput.record())
   rate = summary["steps_per_s"]
   left = min((end_step - step) / rate, max(0.0, deadline - time.monotonic()))
   progress.total = min(end_step, step + int(left * rate))
