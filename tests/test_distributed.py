@@ -18,6 +18,8 @@ from jax._src.clusters import cloud_tpu_cluster
 from transformer_jax import distributed, hosts
 from transformer_jax.distributed import Cluster, DistributedError
 
+SERVICE_HEARTBEAT = distributed.service_heartbeat_timeout(100.0)  # For the default 100 s watch.
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT = 300  # Hard limit on each training process.
 # Every variable a cluster environment of JAX's reads, cleared so that the machine the tests run on
@@ -78,7 +80,9 @@ def test_slurm_and_open_mpi_are_detected_by_their_variables(plain_machine, monke
   assert distributed.detect_cluster() == expected
   assert jax_own_detection() == (expected.num_processes, expected.process_id)
   assert distributed.initialize() == expected
-  assert plain_machine == [((), {})]  # JAX's own detection, arguments unset.
+  # JAX's own detection, arguments unset but the coordination service's heartbeat (longer than the
+  # peers' watch, so that the watch reports a lost process first).
+  assert plain_machine == [((), {"heartbeat_timeout_seconds": SERVICE_HEARTBEAT})]
 
 
 def test_a_gke_tpu_slice_is_detected_by_its_worker_list(plain_machine, monkeypatch):
@@ -95,7 +99,7 @@ def test_a_cloud_tpu_vm_slice_is_detected_through_the_metadata_server(plain_mach
   assert distributed.detect_cluster() == Cluster("gcetpu", 4, 1)
   assert jax_own_detection() == (4, 1)
   assert distributed.initialize() == Cluster("gcetpu", 4, 1)
-  assert plain_machine == [((), {})]
+  assert plain_machine == [((), {"heartbeat_timeout_seconds": SERVICE_HEARTBEAT})]
 
 
 def test_a_single_host_tpu_vm_is_left_alone(plain_machine, monkeypatch):
@@ -154,7 +158,7 @@ def test_explicit_flags_win_over_detection(plain_machine, monkeypatch):
   for name, value in SLURM.items():
     monkeypatch.setenv(name, value)
   assert distributed.initialize("10.1.1.1:1234", 2, 1) == Cluster("flags", 2, 1)
-  assert plain_machine == [(("10.1.1.1:1234", 2, 1), {})]
+  assert plain_machine == [(("10.1.1.1:1234", 2, 1), {"heartbeat_timeout_seconds": SERVICE_HEARTBEAT})]
 
 
 def test_flags_given_in_part_are_refused_naming_the_missing_ones(plain_machine):
