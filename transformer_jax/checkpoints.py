@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import shutil
 import logging
+import shutil
 import time
 from typing import Any
 
@@ -33,8 +33,6 @@ from transformer_jax.optim import cooldown_fraction, find_cooldown
 from transformer_jax.steps import Setup, TrainState
 
 log = logging.getLogger(__name__)
-
-SAVE_ATTEMPTS = 3  # A failed save is tried this many times in all, 1 s and then 2 s apart.
 
 
 def make_manager(workdir: str, train: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -94,7 +92,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_state: dict,
 
 def save_retrying(manager: ocp.CheckpointManager, state: TrainState, data_state: dict,
                   config: ml_collections.ConfigDict, *, wait: bool = False,
-                  saving: bool = False, attempts: int = SAVE_ATTEMPTS) -> ocp.CheckpointManager:
+                  saving: bool = False, attempts: int = paths.WRITE_ATTEMPTS) -> ocp.CheckpointManager:
   """Saves as `save` does (with `wait`, until it is written), trying again when it fails. With
   `saving`, the state's step is being saved already: the first try only waits for it.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable
 
 
@@ -73,7 +74,6 @@ def run_command(program: str, body: Callable[[], int | None]) -> int:
     if show_tracebacks():
       if not e.exit_at_once:
         raise
-      import traceback
       traceback.print_exc()
     print(f"{program}: error: {e}", file=sys.stderr, flush=True)
     if e.exit_at_once:
