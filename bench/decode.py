@@ -10,7 +10,9 @@ The peers are what a user would serve the same model with: our parameters conver
 MarianMTModel (`transformer_jax.marian`, exact up to LayerNorm epsilon) and decoded by its
 `generate` (PyTorch eager, key/value cache, scaled-dot-product attention), and converted to a
 CTranslate2 model (`transformer_jax.ctranslate2_export`, exact) run by its C++ decoder with
-float32 and with int8 weights (`intra_threads` = --threads). All decode greedily and with beam
+float32 and with int8 weights (`intra_threads` = --threads). "ours" is the `translate` command's
+decoder, which drops finished examples from a batch as it goes; "ours, one loop" is the decoder
+that validation runs, one compiled loop per batch. All decode greedily and with beam
 search, with no length penalty (alpha 0) so that the searches rank hypotheses alike and must
 agree token for token (int8 only nearly); the script counts the translations identical to ours.
 The sentences are sorted by length; each is timed on the whole set (in batches of --batch, each
@@ -68,7 +70,12 @@ def batches(src: np.ndarray, size: int) -> list[np.ndarray]:
   return [part[:, :int((part != PAD_ID).sum(1).max())] for part in parts]
 
 
-def ours(model, beam: int, max_extra_len: int):
+def ours(model, beam: int, max_extra_len: int, compact: bool):
+  """Our decoder as `translate` serves (compact: finished examples leave the batch between loops,
+  `translation.CompactingDecoder`) or as validation runs it (one compiled loop per batch)."""
+  if compact:
+    fn = translation.CompactingDecoder(model, beam, 0.0, max_extra_len)
+    return lambda params, src: fn(params, jnp.asarray(src))
   fn = translation.make_translate_fn(model, beam, 0.0, max_extra_len)
   return lambda params, src: np.asarray(jax.block_until_ready(fn(params, jnp.asarray(src))))
 
@@ -166,6 +173,9 @@ def main():
                       help="sentences decoded one at a time (batch 1) in each round")
   parser.add_argument("--no_hf", action="store_true", help="skip the Hugging Face peer")
   parser.add_argument("--no_ct2", action="store_true", help="skip the CTranslate2 peers")
+  parser.add_argument("--no_one_loop", action="store_true",
+                      help="skip our decoder in one compiled loop (validation's, which keeps "
+                           "finished examples in the batch)")
   parser.add_argument("--uncached", action="store_true", help="also time our decoder without a cache")
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="PyTorch's threads and CTranslate2's intra_threads")
@@ -176,7 +186,9 @@ def main():
   variants = {}
   with tempfile.TemporaryDirectory() as ct2_dir:
     for search, beam in searches.items():
-      variants[(search, "ours")] = ours(model, beam, args.max_extra_len)
+      variants[(search, "ours")] = ours(model, beam, args.max_extra_len, compact=True)
+      if not args.no_one_loop:
+        variants[(search, "ours, one loop")] = ours(model, beam, args.max_extra_len, compact=False)
       if not args.no_hf:
         variants[(search, "HF generate")] = hugging_face(model, params, beam, args.max_extra_len,
                                                          args.threads)

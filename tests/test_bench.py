@@ -109,8 +109,10 @@ def test_decode_benchmark_times_ours_and_hugging_face_on_the_same_weights():
   assert out.startswith("CPU: "), out
   lines = out.splitlines()
   for search in ("greedy", "beam 2"):
-    for decoder in ("ours", "HF generate", "ours, no cache"):
+    for decoder in ("ours", "ours, one loop", "HF generate", "ours, no cache"):
       assert any(line.startswith(f"{search:<10}{decoder} ") for line in lines), out
+    # The serving decoder (finished examples leave the batch) against validation's one loop.
+    assert f"{search}: translations identical to ours, one loop's: 2/2" in out
   assert "greedy: translations identical to HF generate's: 2/2" in out
   assert "beam 2: translations identical to HF generate's: 2/2" in out
 

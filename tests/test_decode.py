@@ -15,6 +15,7 @@ from reference_decode import greedy_search_uncached, uncached_decoder
 from transformer_jax import BOS_ID, EOS_ID, PAD_ID, Transformer
 from transformer_jax.decode import (
     CacheGrowth, beam_search, doubling_lengths, expand_to_beams, greedy_search, length_penalty)
+from transformer_jax import translation
 from transformer_jax.translation import cached_decoder, grow_self_cache, make_translate_fn, translate
 from transformer_jax.topk import blockwise_top_k, per_device_top_k
 
@@ -478,3 +479,49 @@ def test_blockwise_top_k_on_a_mesh_runs_on_each_devices_rows():
   np.testing.assert_array_equal(values, want[0])
   np.testing.assert_array_equal(indices, want[1])
   assert "all-gather" not in hlo
+
+
+def early_ending_batch():
+  """16 sources whose translations end at different steps, most of them early: the EOS_ID row is
+  scaled further (to 2.2 times its random size) so that more than half of the batch finishes
+  before the last cache stage, with beam 1 and beam 4."""
+  model, params, src = model_and_sources(batch_size=16, seed=0)
+  params = jax.tree.map(lambda x: x, params)  # A new dict: the cached one stays as it is.
+  params["embed"]["embedding"] = params["embed"]["embedding"].at[EOS_ID].multiply(2.2 / 1.5)
+  return model, params, src
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_dropping_finished_examples_changes_no_translation(beam_size):
+  """The compacting decoder (finished examples leave the batch between its loops) gives
+  `translate`'s tokens, and it did shrink the batch."""
+  model, params, src = early_ending_batch()
+  decoder = translation.CompactingDecoder(model, beam_size, 0.6, EXTRA, first_cache_len=FIRST_CACHE_LEN)
+  got = decoder(params, src)
+  want = np.asarray(make_translate_fn(model, beam_size, 0.6, EXTRA, first_cache_len=FIRST_CACHE_LEN)(
+      params, src))
+  np.testing.assert_array_equal(got, want)
+  sizes = [rows for rows, _, steps in decoder.loops if steps]
+  assert sizes[0] == 16 and min(sizes) < 16, decoder.loops
+  assert sum(steps for _, _, steps in decoder.loops) <= S + EXTRA
+  # Every cache length it used is one of translate's stages, in order.
+  assert [length for _, length, _ in decoder.loops] == sorted(length for _, length, _ in decoder.loops)
+
+
+def test_the_compacting_decoder_keeps_batches_split_over_devices_whole():
+  """On a mesh that splits the batch over 2 devices, it never cuts a batch to an odd size, and it
+  still translates as `translate` does."""
+  import flax.linen as nn
+  from transformer_jax import sharding
+  model, params, src = early_ending_batch()
+  mesh = jax.make_mesh((2, 1, 1), sharding.MESH_AXES, devices=jax.devices()[:2],
+                       axis_types=(AxisType.Auto,) * 3)
+  placed = jax.device_put(src, sharding.batch_sharding(mesh))
+  translator = translation.Translator(model, mesh, (("batch", sharding.BATCH_AXES),))
+  got = translator.fn(4, 0.6, EXTRA, compact=True)(params, placed)
+  decoder = translator._compacting[(4, 0.6, EXTRA)]
+  assert decoder.batch_multiple == sharding.batch_multiple(mesh) == 2
+  assert all(rows % 2 == 0 for rows, _, _ in decoder.loops), decoder.loops
+  assert min(rows for rows, _, _ in decoder.loops) < 16, decoder.loops
+  want = np.asarray(make_translate_fn(model, 4, 0.6, EXTRA)(params, src))
+  np.testing.assert_array_equal(got, want)

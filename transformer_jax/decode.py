@@ -18,7 +18,8 @@ Outputs hold the generated tokens only (no BOS_ID): EOS_ID ends a sequence and P
 sequence without EOS_ID ran out of room at L tokens.
 
 A cache may also grow as the output does (`CacheGrowth`), so that a batch whose outputs end early
-does not read and reorder the L positions it was allowed at every step.
+does not read and reorder the L positions it was allowed at every step. Each search also comes in
+pieces (`Search`: init, step, done, best) for drivers that run the steps themselves.
 """
 
 from __future__ import annotations
@@ -132,6 +133,57 @@ def _search_loop(not_finished, step, state: tuple, max_len: int, growth: CacheGr
   return state
 
 
+class Search(NamedTuple):
+  """A search in pieces, for drivers that run its steps themselves.
+
+  `greedy_search` and `beam_search` run one over `_search_loop`; `translation.CompactingDecoder`
+  runs it in loops of its own and drops finished examples from the batch between them. The state
+  is a tuple: the step index (int32 scalar) first, then leaves whose leading axis holds B
+  examples' rows in order (B rows, or B * K with an example's beams together), so keeping a subset
+  of examples is a gather on that axis of every leaf but the first (`take_examples`).
+  """
+
+  init: Callable[[Cache], tuple]  # The initial state from the initial cache (every leaf [B, ...]).
+  step: Callable[[tuple], tuple]
+  done: Callable[[tuple], Array]  # [B] bool: the example's output is final.
+  best: Callable[[tuple], Array]  # [B, L] int32: each example's best output so far.
+
+
+def take_examples(state: tuple, examples: Array, batch_size: int) -> tuple:
+  """A `Search` state of `batch_size` examples cut to `examples` (int32 indices), in that order."""
+  def take(x):
+    rows = x.reshape(batch_size, x.shape[0] // batch_size, *x.shape[1:])[examples]
+    return rows.reshape(-1, *x.shape[1:])
+  return (state[0], *jax.tree.map(take, state[1:]))
+
+
+def run_search(search: Search, state: tuple, max_len: int, growth: CacheGrowth | None) -> tuple:
+  """The state after `search`'s steps until every example is done or max_len tokens were made."""
+  return _search_loop(lambda s: (s[0] < max_len) & ~jnp.all(search.done(s)), search.step, state,
+                      max_len, growth)
+
+
+def greedy(tokens_to_logits: TokensToLogits, batch_size: int, max_len: int) -> Search:
+  """Greedy decoding in pieces (`greedy_search` runs them). State: (index, tokens [B, L], last
+  token [B], done [B], cache)."""
+  check_search_args(batch_size, max_len)
+
+  def init(cache):
+    return (jnp.int32(0), jnp.full((batch_size, max_len), PAD_ID, jnp.int32),
+            jnp.full((batch_size,), BOS_ID, jnp.int32), jnp.zeros((batch_size,), jnp.bool_), cache)
+
+  def step(state):
+    i, tokens, last, done, cache = state
+    logits, cache = tokens_to_logits(last[:, None], cache, i)
+    # Finished rows emit padding (their outputs are unused). Top-1: argmax, 6x faster on a CPU.
+    best = per_device_top_k(logits, 1)[1][:, 0].astype(jnp.int32)
+    next_token = jnp.where(done, PAD_ID, best)
+    tokens = jax.lax.dynamic_update_slice(tokens, next_token[:, None], (0, i))
+    return i + 1, tokens, next_token, done | (next_token == EOS_ID), cache
+
+  return Search(init, step, done=lambda state: state[3], best=lambda state: state[1])
+
+
 def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
                   max_len: int, growth: CacheGrowth | None = None) -> Array:
   """Greedy decoding: at every step, the most probable next token.
@@ -149,29 +201,81 @@ def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: in
   Returns:
     [B, L] int32 generated tokens, PAD_ID after EOS_ID.
   """
-  check_search_args(batch_size, max_len)
+  search = greedy(tokens_to_logits, batch_size, max_len)
+  return search.best(run_search(search, search.init(cache), max_len, growth))
 
-  def not_finished(state):
-    i, _, _, done, _ = state
-    return (i < max_len) & ~jnp.all(done)
+
+def beam(tokens_to_logits: TokensToLogits, batch_size: int, beam_size: int, max_len: int,
+         alpha: float = 0.6) -> Search:
+  """Beam search in pieces (`beam_search` runs them and says what they do). State: (index, alive
+  sequences [B, K, L], alive log-probabilities [B, K], alive last tokens [B, K], finished scores
+  [B, K], finished sequences [B, K, L], cache with leaves [B * K, ...])."""
+  check_search_args(batch_size, max_len, beam_size, alpha)
+  B, K, L = batch_size, beam_size, max_len
+  max_penalty = length_penalty(L, alpha)
+
+  def init(cache):
+    # Only beam 0 is alive at the start; the others hold -inf so that the first step does not
+    # extend K copies of the same hypothesis.
+    return (
+        jnp.int32(0),
+        jnp.full((B, K, L), PAD_ID, jnp.int32),
+        jnp.broadcast_to(jnp.where(jnp.arange(K) == 0, 0.0, NEG_INF).astype(jnp.float32), (B, K)),
+        jnp.full((B, K), BOS_ID, jnp.int32),
+        jnp.full((B, K), NEG_INF, jnp.float32),
+        jnp.full((B, K, L), PAD_ID, jnp.int32),
+        expand_to_beams(cache, K),
+    )
+
+  def done(state):
+    _, _, alive_logprob, _, finished_scores, _, _ = state
+    best_possible = jnp.max(alive_logprob, axis=1) / max_penalty
+    return best_possible <= jnp.min(finished_scores, axis=1)
 
   def step(state):
-    i, tokens, last, done, cache = state
-    logits, cache = tokens_to_logits(last[:, None], cache, i)
-    # Finished rows emit padding (their outputs are unused). Top-1: argmax, 6x faster on a CPU.
-    best = per_device_top_k(logits, 1)[1][:, 0].astype(jnp.int32)
-    next_token = jnp.where(done, PAD_ID, best)
-    tokens = jax.lax.dynamic_update_slice(tokens, next_token[:, None], (0, i))
-    return i + 1, tokens, next_token, done | (next_token == EOS_ID), cache
+    i, alive_seqs, alive_logprob, alive_last, finished_scores, finished_seqs, cache = state
+    logits, cache = tokens_to_logits(alive_last.reshape(B * K, 1), cache, i)
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    V = logprobs.shape[-1]
+    candidates = alive_logprob[:, :, None] + logprobs.reshape(B, K, V)  # [B, K, V]
 
-  state = (
-      jnp.int32(0),
-      jnp.full((batch_size, max_len), PAD_ID, jnp.int32),
-      jnp.full((batch_size,), BOS_ID, jnp.int32),
-      jnp.zeros((batch_size,), jnp.bool_),
-      cache,
-  )
-  return _search_loop(not_finished, step, state, max_len, growth)[1]
+    # Each alive hypothesis has one EOS extension, so the best 2K extensions hold at least K that
+    # do not end: enough to refill the alive list.
+    top_logprob, top_index = per_device_top_k(candidates.reshape(B, K * V), 2 * K)  # [B, 2K]
+    top_beam, top_token = top_index // V, top_index % V
+    top_seqs = jnp.take_along_axis(alive_seqs, top_beam[:, :, None], axis=1)  # [B, 2K, L]
+    top_seqs = jax.lax.dynamic_update_slice(top_seqs, top_token[:, :, None], (0, 0, i))
+    ends = top_token == EOS_ID
+
+    # Finished: extensions ending in EOS_ID among the best K, merged with those found before. Only
+    # the best K count, as in the textbook beam of K hypotheses from which an ended one leaves;
+    # that is what makes K = 1 greedy.
+    in_beam = jnp.arange(2 * K) < K
+    new_scores = jnp.where(ends & in_beam, top_logprob / length_penalty(i + 1, alpha), NEG_INF)
+    merged_scores = jnp.concatenate([finished_scores, new_scores], axis=1)  # [B, 3K]
+    merged_seqs = jnp.concatenate([finished_seqs, top_seqs], axis=1)
+    finished_scores, keep = per_device_top_k(merged_scores, K)
+    finished_seqs = jnp.take_along_axis(merged_seqs, keep[:, :, None], axis=1)
+
+    # Alive: the best K extensions that do not end.
+    alive_logprob, keep = per_device_top_k(jnp.where(ends, NEG_INF, top_logprob), K)
+    alive_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
+    alive_last = jnp.take_along_axis(top_token, keep, axis=1)
+    cache = _gather_beams(cache, jnp.take_along_axis(top_beam, keep, axis=1))
+    return i + 1, alive_seqs, alive_logprob, alive_last, finished_scores, finished_seqs, cache
+
+  return Search(init, step, done, best=lambda state: _beam_outputs(state, max_penalty)[0][:, 0])
+
+
+def _beam_outputs(state: tuple, max_penalty: Array) -> tuple[Array, Array]:
+  """`beam_search`'s (sequences, scores) from the state of `beam`'s steps."""
+  _, alive_seqs, alive_logprob, _, finished_scores, finished_seqs, _ = state
+  # An example with real alive hypotheses is never done before max_len, so alive ones that are
+  # returned have L tokens.
+  any_finished = finished_scores[:, 0] > NEG_INF  # [B]
+  sequences = jnp.where(any_finished[:, None, None], finished_seqs, alive_seqs)
+  scores = jnp.where(any_finished[:, None], finished_scores, alive_logprob / max_penalty)
+  return sequences, scores
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int, beam_size: int,
@@ -213,68 +317,9 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
       hold -inf. An example with no finished hypothesis at all returns its alive ones instead,
       scored with |Y| = L.
   """
-  check_search_args(batch_size, max_len, beam_size, alpha)
-  B, K, L = batch_size, beam_size, max_len
-  max_penalty = length_penalty(L, alpha)
-
-  def not_finished(state):
-    i, _, alive_logprob, _, finished_scores, _, _ = state
-    best_possible = jnp.max(alive_logprob, axis=1) / max_penalty
-    done = best_possible <= jnp.min(finished_scores, axis=1)
-    return (i < L) & ~jnp.all(done)
-
-  def step(state):
-    i, alive_seqs, alive_logprob, alive_last, finished_scores, finished_seqs, cache = state
-    logits, cache = tokens_to_logits(alive_last.reshape(B * K, 1), cache, i)
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    V = logprobs.shape[-1]
-    candidates = alive_logprob[:, :, None] + logprobs.reshape(B, K, V)  # [B, K, V]
-
-    # Each alive hypothesis has one EOS extension, so the best 2K extensions hold at least K that
-    # do not end: enough to refill the alive list.
-    top_logprob, top_index = per_device_top_k(candidates.reshape(B, K * V), 2 * K)  # [B, 2K]
-    top_beam, top_token = top_index // V, top_index % V
-    top_seqs = jnp.take_along_axis(alive_seqs, top_beam[:, :, None], axis=1)  # [B, 2K, L]
-    top_seqs = jax.lax.dynamic_update_slice(top_seqs, top_token[:, :, None], (0, 0, i))
-    ends = top_token == EOS_ID
-
-    # Finished: extensions ending in EOS_ID among the best K, merged with those found before. Only
-    # the best K count, as in the textbook beam of K hypotheses from which an ended one leaves;
-    # that is what makes K = 1 greedy.
-    in_beam = jnp.arange(2 * K) < K
-    new_scores = jnp.where(ends & in_beam, top_logprob / length_penalty(i + 1, alpha), NEG_INF)
-    merged_scores = jnp.concatenate([finished_scores, new_scores], axis=1)  # [B, 3K]
-    merged_seqs = jnp.concatenate([finished_seqs, top_seqs], axis=1)
-    finished_scores, keep = per_device_top_k(merged_scores, K)
-    finished_seqs = jnp.take_along_axis(merged_seqs, keep[:, :, None], axis=1)
-
-    # Alive: the best K extensions that do not end.
-    alive_logprob, keep = per_device_top_k(jnp.where(ends, NEG_INF, top_logprob), K)
-    alive_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
-    alive_last = jnp.take_along_axis(top_token, keep, axis=1)
-    cache = _gather_beams(cache, jnp.take_along_axis(top_beam, keep, axis=1))
-    return i + 1, alive_seqs, alive_logprob, alive_last, finished_scores, finished_seqs, cache
-
-  # Only beam 0 is alive at the start; the others hold -inf so that the first step does not
-  # extend K copies of the same hypothesis.
-  state = (
-      jnp.int32(0),
-      jnp.full((B, K, L), PAD_ID, jnp.int32),
-      jnp.broadcast_to(jnp.where(jnp.arange(K) == 0, 0.0, NEG_INF).astype(jnp.float32), (B, K)),
-      jnp.full((B, K), BOS_ID, jnp.int32),
-      jnp.full((B, K), NEG_INF, jnp.float32),
-      jnp.full((B, K, L), PAD_ID, jnp.int32),
-      expand_to_beams(cache, K),
-  )
-  _, alive_seqs, alive_logprob, _, finished_scores, finished_seqs, _ = _search_loop(
-      not_finished, step, state, L, growth)
-
-  # An example with real alive hypotheses is never done before max_len, so alive ones that are
-  # returned have L tokens.
-  any_finished = finished_scores[:, 0] > NEG_INF  # [B]
-  sequences = jnp.where(any_finished[:, None, None], finished_seqs, alive_seqs)
-  scores = jnp.where(any_finished[:, None], finished_scores, alive_logprob / max_penalty)
-  return sequences, scores
+  search = beam(tokens_to_logits, batch_size, beam_size, max_len, alpha)
+  state = run_search(search, search.init(cache), max_len, growth)
+  return _beam_outputs(state, length_penalty(max_len, alpha))
 
 
 def never_generated(logits: Array) -> Array:

@@ -92,20 +92,22 @@ def tokenized_bleu(hypotheses: Sequence[str], references: Sequence[str], lang: s
 
 def translate_corpus(setup: Setup, params: Any, corpus: token_cache.TokenizedCorpus,
                      indices: np.ndarray, tokenizer, *, tokens_per_batch: int, max_len: int,
-                     beam_size: int, alpha: float, max_extra_len: int,
+                     beam_size: int, alpha: float, max_extra_len: int, compact: bool = False,
                      progress: Callable[[int, int], None] | None = None) -> list[str]:
   """Translates the sources of `corpus[indices]`, batched by length, in the order of `indices`.
 
   Every process takes part (the batch is sharded over the setup's mesh); every process gets all
   the translations back. The decoding program is the one `translation.translator` keeps for the
   setup's model and mesh: compiled once per batch shape for the whole run, not once per call.
+  With `compact` (serving: `Run.translate`), finished examples leave each batch as it decodes
+  (`translation.CompactingDecoder`: faster, more programs to compile).
   `progress(sentences, tokens)`, if given, is called after each batch with its number of
   sentences and of output tokens (EOS included), for a progress bar and a throughput.
   """
   batches = pipeline.EpochBatches.single_pass(corpus, indices, tokens_per_batch=tokens_per_batch,
                                               max_len=max_len, **sharding.row_split(setup.mesh))
   translate = translation.translator(setup.model, setup.mesh, setup.rules).fn(
-      beam_size, alpha, max_extra_len)
+      beam_size, alpha, max_extra_len, compact=compact)
   mesh = setup.mesh
   plan = batches.plan(0)
   output: dict[int, str] = {}

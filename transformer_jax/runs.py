@@ -44,7 +44,8 @@ class Run:
   def translate(self, sentences: Sequence[str], *, beam_size: int | None = None,
                 alpha: float | None = None, max_extra_len: int | None = None,
                 progress: Callable[[int, int], None] | None = None) -> list[str]:
-    """Detokenized translations of `sentences`, in order (batched by length, as in training);
+    """Detokenized translations of `sentences`, in order (batched by length, as in training, and
+    each batch shrinking as its translations end: `translation.CompactingDecoder`);
     `progress(sentences, tokens)` after each batch (`evaluate.translate_corpus`)."""
     decode_cfg = self.config.decode
     ids = [self.tokenizer.encode(s) for s in sentences]
@@ -60,7 +61,7 @@ class Run:
         beam_size=decode_cfg.beam_size if beam_size is None else beam_size,
         alpha=decode_cfg.length_penalty if alpha is None else alpha,
         max_extra_len=decode_cfg.max_extra_len if max_extra_len is None else max_extra_len,
-        progress=progress)
+        compact=True, progress=progress)
 
 
 def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) -> Run:

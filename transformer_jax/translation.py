@@ -5,7 +5,9 @@
 for one model on one mesh, one per (beam_size, alpha, max_extra_len), and `translator(model, mesh,
 rules)` hands every caller with equal arguments the same one: a run's validation passes, its
 test and its later translations then reuse one compiled program per source shape instead of
-compiling at every pass.
+compiling at every pass. A `CompactingDecoder` runs the same search from the host in several
+compiled loops, dropping the examples that have finished from the batch between them: the
+`translate` command's decoder.
 
 Shapes: B batch, K beam size, S source length, L maximum output length, D d_model, V vocabulary.
 """
@@ -18,11 +20,15 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
+from transformer_jax import sharding
 from transformer_jax.attention import ENCODER_CACHE, SELF_CACHE_LENGTH_AXIS
-from transformer_jax.decode import (Cache, CacheGrowth, TokensToLogits, beam_search, check_search_args,
-                                    doubling_lengths, expand_to_beams, greedy_search, never_generated)
+from transformer_jax.constants import PAD_ID
+from transformer_jax.decode import (Cache, CacheGrowth, Search, TokensToLogits, beam, check_search_args,
+                                    doubling_lengths, expand_to_beams, greedy, never_generated,
+                                    run_search, take_examples)
 from transformer_jax.model import Transformer, init_cache
 
 Array = jax.Array
@@ -31,29 +37,39 @@ TranslateFn = Callable[[Any, Array], Array]  # (params, src [B, S]) -> tokens [B
 FIRST_CACHE_LEN = 32  # Beam search's first self-attention cache length; see `translate`.
 
 
-def cached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
-                   max_len: int) -> tuple[TokensToLogits, Cache]:
-  """The decoder as a `tokens_to_logits` step against its key/value cache.
+def decoder_context(model: Transformer, params: Any, encoded: Array, src: Array,
+                    max_len: int) -> tuple[dict[str, Any], Cache]:
+  """What every decoding step of a batch reads besides its own tokens, and its initial cache.
 
   The encoder-decoder attention's keys and values (its projection of `encoded`) are computed
-  once (`init_cache`) and held by the step itself, once per example: beam search never repeats
-  or reorders them, and the step folds an example's K beams into K times as many queries
-  against them. The cache the search carries holds only the self-attention keys and values,
-  which do follow the beams. The step accepts any N that is a multiple of B.
+  once (`init_cache`) and kept in the context, once per example: beam search never repeats or
+  reorders them, and the step folds an example's K beams into K times as many queries against
+  them. The cache the search carries holds only the self-attention keys and values, which do
+  follow the beams.
 
   Args:
     model: the Transformer.
     params: its parameters.
     encoded: [B, S, D] encoder output of `src`.
     src: [B, S] source tokens (their padding masks encoder-decoder attention).
-    max_len: L, the number of output positions the cache holds.
+    max_len: the number of output positions the cache holds.
 
   Returns:
-    tokens_to_logits, and its initial cache (every leaf [B, ...]).
+    The context (every leaf [B, ...]: "encoded", "src", and "encoder_kv", the cache entries of
+    encoder-decoder attention keyed by their flattened paths), and the initial self-attention
+    cache (every leaf [B, ...]).
   """
   flat = traverse_util.flatten_dict(init_cache(model, params, encoded, src, max_len))
   encoder_kv = {path: x for path, x in flat.items() if path[-1] in ENCODER_CACHE}
-  self_cache = traverse_util.unflatten_dict({p: x for p, x in flat.items() if p not in encoder_kv})
+  self_cache = traverse_util.unflatten_dict(
+      {p: x for p, x in flat.items() if p[-1] not in ENCODER_CACHE})
+  return {"encoded": encoded, "src": src, "encoder_kv": encoder_kv}, self_cache
+
+
+def decoder_step(model: Transformer, params: Any, context: dict[str, Any]) -> TokensToLogits:
+  """The decoder as a `tokens_to_logits` step (`decode`) against its self-attention cache, for
+  the batch `context` describes (`decoder_context`). It accepts any N that is a multiple of B."""
+  encoder_kv, encoded, src = context["encoder_kv"], context["encoded"], context["src"]
 
   def tokens_to_logits(tokens: Array, cache: Cache, index: Array) -> tuple[Array, Cache]:
     copies = tokens.shape[0] // src.shape[0]
@@ -65,7 +81,15 @@ def cached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
     return never_generated(logits[:, 0]), traverse_util.unflatten_dict(
         {p: x for p, x in updated.items() if p not in encoder_kv})
 
-  return tokens_to_logits, self_cache
+  return tokens_to_logits
+
+
+def cached_decoder(model: Transformer, params: Any, encoded: Array, src: Array,
+                   max_len: int) -> tuple[TokensToLogits, Cache]:
+  """The decoder as a `tokens_to_logits` step against its key/value cache of `max_len` output
+  positions, and that cache's initial state (`decoder_context`, `decoder_step`)."""
+  context, cache = decoder_context(model, params, encoded, src, max_len)
+  return decoder_step(model, params, context), cache
 
 
 def grow_self_cache(cache: Cache, length: int) -> Cache:
@@ -110,15 +134,26 @@ def translate(model: Transformer, params: Any, src: Array, *, beam_size: int, al
   max_len = src_len + max_extra_len
   check_output_length(model, max_len)
   encoded = model.apply({"params": params}, src, method=Transformer.encode)
+  lengths = cache_lengths(beam_size, max_len, first_cache_len)
+  tokens_to_logits, cache = cached_decoder(model, params, encoded, src, lengths[0])
+  search = make_search(tokens_to_logits, batch_size, max_len, beam_size, alpha)
+  return search.best(run_search(search, search.init(cache), max_len,
+                                CacheGrowth(lengths, grow_self_cache)))
+
+
+def cache_lengths(beam_size: int, max_len: int, first_cache_len: int | None) -> tuple[int, ...]:
+  """The self-attention cache's lengths as the output grows (see `translate`)."""
   if first_cache_len is None:
     first_cache_len = FIRST_CACHE_LEN if beam_size > 1 else max_len
-  lengths = doubling_lengths(max_len, first_cache_len)
-  tokens_to_logits, cache = cached_decoder(model, params, encoded, src, lengths[0])
-  growth = CacheGrowth(lengths, grow_self_cache)
+  return doubling_lengths(max_len, first_cache_len)
+
+
+def make_search(tokens_to_logits: TokensToLogits, batch_size: int, max_len: int, beam_size: int,
+                alpha: float) -> Search:
+  """Greedy search for beam_size 1, else beam search with length penalty alpha."""
   if beam_size == 1:
-    return greedy_search(tokens_to_logits, cache, batch_size, max_len, growth)
-  sequences, _ = beam_search(tokens_to_logits, cache, batch_size, beam_size, max_len, alpha, growth)
-  return sequences[:, 0]
+    return greedy(tokens_to_logits, batch_size, max_len)
+  return beam(tokens_to_logits, batch_size, beam_size, max_len, alpha)
 
 
 def make_translate_fn(model: Transformer, beam_size: int, alpha: float, max_extra_len: int = 50,
@@ -140,6 +175,96 @@ def make_translate_fn(model: Transformer, beam_size: int, alpha: float, max_extr
   return translate_fn
 
 
+class CompactingDecoder:
+  """`translate` driven from the host, dropping finished examples from the batch as it goes.
+
+  In `translate`'s one compiled loop the examples that have ended go on being computed (as
+  padding, or as beams that can no longer win) until the last one ends: in a beam-4 batch of the
+  quick start's 32 first test verses only 54% of the example-steps belong to examples still
+  searching. This decoder runs the same search (`decode.Search`) in compiled loops that also stop
+  once at most half of the batch is still searching; between loops it keeps the ended examples'
+  outputs on the host and gathers the others (padded with ended ones if fewer) into a batch half
+  the size, down to one example. Its outputs equal `translate`'s token for token.
+
+  The price: one program per batch size and cache length that a batch reaches (compiled when first
+  needed, then kept), and one wait for the device per loop. For serving and files, one process:
+  `Translator.fn(..., compact=True)`; validation during training keeps `translate`, one program
+  per batch shape.
+  """
+
+  def __init__(self, model: Transformer, beam_size: int, alpha: float, max_extra_len: int = 50,
+               first_cache_len: int | None = None, batch_multiple: int = 1):
+    """batch_multiple: a batch is never cut to a size that is not a multiple of this (the
+    devices a batch is split over)."""
+    check_search_args(1, 1, beam_size, alpha)
+    self.model, self.beam_size, self.alpha = model, beam_size, alpha
+    self.max_extra_len, self.first_cache_len = max_extra_len, first_cache_len
+    self.batch_multiple = batch_multiple
+    # The last batch's loops, as (examples in the batch, cache length, steps run): what it did.
+    self.loops: list[tuple[int, int, int]] = []
+    self._start = jax.jit(self._start_fn)
+    self._run = jax.jit(self._run_fn, static_argnums=(3, 4))
+    self._grow = jax.jit(lambda state, length: (*state[:-1], grow_self_cache(state[-1], length)),
+                         static_argnums=1)
+    self._take = jax.jit(lambda context, state, examples: (
+        jax.tree.map(lambda x: x[examples], context),
+        take_examples(state, examples, context["src"].shape[0])))
+
+  def _search(self, params: Any, context: dict[str, Any]) -> Search:
+    batch_size, src_len = context["src"].shape
+    return make_search(decoder_step(self.model, params, context), batch_size,
+                       src_len + self.max_extra_len, self.beam_size, self.alpha)
+
+  def _start_fn(self, params: Any, src: Array) -> tuple[dict[str, Any], tuple]:
+    max_len = src.shape[1] + self.max_extra_len
+    encoded = self.model.apply({"params": params}, src, method=Transformer.encode)
+    first = cache_lengths(self.beam_size, max_len, self.first_cache_len)[0]
+    context, cache = decoder_context(self.model, params, encoded, src, first)
+    return context, self._search(params, context).init(cache)
+
+  def _run_fn(self, params: Any, context: dict[str, Any], state: tuple, cache_len: int,
+              floor: int) -> tuple[tuple, Array, Array]:
+    """Steps until every example is done, the cache is full, or at most `floor` search on."""
+    search = self._search(params, context)
+
+    def going(state):
+      searching = ~search.done(state)
+      return (state[0] < cache_len) & jnp.any(searching) & (jnp.sum(searching) > floor)
+
+    state = jax.lax.while_loop(going, search.step, state)
+    return state, search.done(state), search.best(state)
+
+  def __call__(self, params: Any, src: Array) -> np.ndarray:
+    """[B, S + max_extra_len] int32 tokens of each source's best hypothesis, as `translate`."""
+    batch_size, src_len = src.shape
+    max_len = src_len + self.max_extra_len
+    check_output_length(self.model, max_len)
+    lengths = cache_lengths(self.beam_size, max_len, self.first_cache_len)
+    out = np.full((batch_size, max_len), PAD_ID, np.int32)
+    rows = np.arange(batch_size)  # The source row of each example in the batch.
+    context, state = self._start(params, src)
+    stage, index = 0, 0
+    self.loops = []
+    while True:
+      half = len(rows) // 2
+      floor = half if half and half % self.batch_multiple == 0 else 0
+      state, done, best = self._run(params, context, state, lengths[stage], floor)
+      self.loops.append((len(rows), lengths[stage], int(state[0]) - index))
+      index, done = int(state[0]), np.asarray(done)
+      if index >= max_len or done.all():
+        out[rows] = np.asarray(best)
+        return out
+      if index >= lengths[stage]:
+        stage += 1
+        state = self._grow(state, lengths[stage])
+        continue
+      ended, searching = np.flatnonzero(done), np.flatnonzero(~done)
+      out[rows[ended]] = np.asarray(best)[ended]
+      keep = np.concatenate([searching, ended[:floor - len(searching)]])
+      context, state = self._take(context, state, jnp.asarray(keep, jnp.int32))
+      rows = rows[keep]
+
+
 class Translator:
   """`translate` of one model, jitted for one mesh and its logical axis rules, once per setting.
 
@@ -153,6 +278,7 @@ class Translator:
     self.mesh = mesh
     self.rules = rules
     self._jitted: dict[tuple[int, float, int], TranslateFn] = {}
+    self._compacting: dict[tuple[int, float, int], CompactingDecoder] = {}
 
   def jit_fn(self, beam_size: int, alpha: float, max_extra_len: int) -> TranslateFn:
     """The jax.jit object of a setting (`make_translate_fn`), to call inside the mesh and the
@@ -162,14 +288,24 @@ class Translator:
       self._jitted[key] = make_translate_fn(self.model, beam_size, alpha, max_extra_len)
     return self._jitted[key]
 
-  def fn(self, beam_size: int, alpha: float, max_extra_len: int) -> TranslateFn:
+  def fn(self, beam_size: int, alpha: float, max_extra_len: int,
+         compact: bool = False) -> TranslateFn:
     """`(params, src [B, S]) -> tokens [B, S + max_extra_len]`, run inside the mesh and the logical
-    axis rules, so that the model's sharding constraints hold while decoding too."""
-    jitted = self.jit_fn(beam_size, alpha, max_extra_len)
+    axis rules, so that the model's sharding constraints hold while decoding too. With `compact`
+    (one process only; ignored with several) a `CompactingDecoder` drops finished examples."""
+    if compact and jax.process_count() == 1:
+      key = (beam_size, float(alpha), max_extra_len)
+      if key not in self._compacting:
+        self._compacting[key] = CompactingDecoder(
+            self.model, beam_size, alpha, max_extra_len,
+            batch_multiple=sharding.batch_multiple(self.mesh))
+      decoder = self._compacting[key]
+    else:
+      decoder = self.jit_fn(beam_size, alpha, max_extra_len)
 
     def translate_batch(params: Any, src: Array) -> Array:
       with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-        return jitted(params, src)
+        return decoder(params, src)
 
     return translate_batch
 
