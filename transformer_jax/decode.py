@@ -138,9 +138,10 @@ class Search(NamedTuple):
 
   `greedy_search` and `beam_search` run one over `_search_loop`; `translation.CompactingDecoder`
   runs it in loops of its own and drops finished examples from the batch between them. The state
-  is a tuple: the step index (int32 scalar) first, then leaves whose leading axis holds B
-  examples' rows in order (B rows, or B * K with an example's beams together), so keeping a subset
-  of examples is a gather on that axis of every leaf but the first (`take_examples`).
+  is a tuple: the step index (int32 scalar) first, the cache last (where `_search_loop` grows it).
+  Every leaf after the index has a leading axis that holds B examples' rows in order (B rows, or
+  B * K with an example's beams together), so keeping a subset of examples is a gather on that
+  axis of every leaf but the first (`take_examples`).
   """
 
   init: Callable[[Cache], tuple]  # The initial state from the initial cache (every leaf [B, ...]).

@@ -156,6 +156,13 @@ def make_search(tokens_to_logits: TokensToLogits, batch_size: int, max_len: int,
   return beam(tokens_to_logits, batch_size, beam_size, max_len, alpha)
 
 
+def check_translate_args(beam_size: int, alpha: float, max_extra_len: int) -> None:
+  """Raises ValueError, naming the value, for a decoding setting that cannot be compiled."""
+  check_search_args(1, 1, beam_size, alpha)
+  if not isinstance(max_extra_len, int) or max_extra_len < 0:
+    raise ValueError(f"max_extra_len={max_extra_len!r} must be an int >= 0")
+
+
 def make_translate_fn(model: Transformer, beam_size: int, alpha: float, max_extra_len: int = 50,
                       first_cache_len: int | None = None) -> TranslateFn:
   """`translate` compiled with `jax.jit`: `(params, src [B, S]) -> tokens [B, S + max_extra_len]`.
@@ -163,9 +170,7 @@ def make_translate_fn(model: Transformer, beam_size: int, alpha: float, max_extr
   It compiles once per source shape; batching sources into a few padded lengths keeps the number
   of compilations small.
   """
-  check_search_args(1, 1, beam_size, alpha)
-  if not isinstance(max_extra_len, int) or max_extra_len < 0:
-    raise ValueError(f"max_extra_len={max_extra_len!r} must be an int >= 0")
+  check_translate_args(beam_size, alpha, max_extra_len)
 
   @jax.jit
   def translate_fn(params: Any, src: Array) -> Array:
@@ -196,7 +201,7 @@ class CompactingDecoder:
                first_cache_len: int | None = None, batch_multiple: int = 1):
     """batch_multiple: a batch is never cut to a size that is not a multiple of this (the
     devices a batch is split over)."""
-    check_search_args(1, 1, beam_size, alpha)
+    check_translate_args(beam_size, alpha, max_extra_len)
     self.model, self.beam_size, self.alpha = model, beam_size, alpha
     self.max_extra_len, self.first_cache_len = max_extra_len, first_cache_len
     self.batch_multiple = batch_multiple
