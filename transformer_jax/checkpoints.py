@@ -109,6 +109,7 @@ def save_retrying(manager: ocp.CheckpointManager, state: TrainState, data_state:
       complete checkpoint (which the failed saves left as it was).
   """
   step = int(jax.device_get(state.step))
+  first_reason = None
   for attempt in itertools.count(1):
     error = None
     try:
@@ -128,12 +129,17 @@ def save_retrying(manager: ocp.CheckpointManager, state: TrainState, data_state:
       pass
     directory = manager.directory
     reason = _summary(error) if error is not None else "it failed on another process"
+    first_reason = first_reason or reason
     if attempt == attempts:
       complete = saved_steps(directory.parent)
       kept = (f"checkpoint {complete[-1]} is complete, and running the same command again resumes "
               f"from it" if complete else "no checkpoint is complete yet")
-      raise StorageError(f"saving checkpoint {step} to {directory} failed {attempts} times, the "
-                         f"last with {reason}; the run stops. {kept[0].upper()}{kept[1:]}.")
+      # A later attempt can fail on what an earlier one left (orbax removing a half-written step
+      # while the failed save's writes still end), so the first cause is named too.
+      causes = (f"the last with {reason}" if reason == first_reason
+                else f"the first with {first_reason}, the last with {reason}")
+      raise StorageError(f"saving checkpoint {step} to {directory} failed {attempts} times, "
+                         f"{causes}; the run stops. {kept[0].upper()}{kept[1:]}.")
     delay = 2.0 ** (attempt - 1)
     log.warning("A checkpoint save to %s failed (%s); saving step %d again in %g s (attempt %d of "
                 "%d).", directory, reason, step, delay, attempt + 1, attempts)
