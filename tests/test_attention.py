@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from transformer_jax.attention import (MultiHeadAttention, causal_mask, scaled_dot_product_attention,
-                                       segment_mask)
+from transformer_jax.attention import (MultiHeadAttention, causal_mask, fold_beams,
+                                       scaled_dot_product_attention, segment_mask, slot_mask)
 from transformer_jax.constants import MASK_VALUE
 
 
@@ -36,6 +36,44 @@ def test_scaled_dot_product_attention_matches_numpy():
       np.testing.assert_allclose(out[b, :, n], expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-6)
   assert np.all(np.asarray(weights)[~np.broadcast_to(mask, weights.shape)] < 1e-6)
+
+
+def test_the_cache_layout_attends_alike():
+  """Keys [B, N, K, S] and values [B, N, S, H], as decoding caches store them: same attention."""
+  rng = np.random.default_rng(2)
+  B, T, S, N, K, H = 2, 3, 5, 2, 4, 6
+  q, k, v = (jnp.asarray(rng.normal(size=shape)) for shape in ((B, T, N, K), (B, S, N, K), (B, S, N, H)))
+  mask = jnp.asarray(rng.random((B, 1, T, S)) > 0.3).at[..., 0].set(True)
+  out, weights = scaled_dot_product_attention(q, k, v, mask)
+  cached_out, cached_weights = scaled_dot_product_attention(
+      q, k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3), mask, cache_layout=True)
+  np.testing.assert_allclose(cached_out, out, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(cached_weights, weights, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("index", [0, 3, 5])
+def test_slot_mask_reads_each_rows_history_where_its_slots_say(index):
+  """Attention over a cache of C slots through `slot_mask` equals, for each row, attention over its
+  own history gathered position by position from the slots that key_slots names."""
+  rng = np.random.default_rng(index)
+  B, C, L, N, K, H = 2, 3, 6, 2, 4, 5
+  keys = rng.normal(size=(B, N, L, C, K))  # Position-major slots, as the cache stores them.
+  values = rng.normal(size=(B, N, L, C, H))
+  key_slots = rng.integers(0, C, (B, C, L))
+  q = rng.normal(size=(B * C, 1, N, K))  # One query per row, at position `index`.
+  mask = slot_mask(jnp.asarray(key_slots, jnp.int32), jnp.int32(index), 1)
+  assert mask.shape == (B, 1, C, L * C)
+  out, _ = scaled_dot_product_attention(
+      fold_beams(jnp.asarray(q), C), jnp.asarray(keys.reshape(B, N, L * C, K).transpose(0, 1, 3, 2)),
+      jnp.asarray(values.reshape(B, N, L * C, H)), mask, cache_layout=True)
+  for b in range(B):
+    for c in range(C):
+      history = key_slots[b, c, :index + 1]  # The slot of each position 0 .. index.
+      for n in range(N):
+        k = keys[b, n, np.arange(index + 1), history]
+        v = values[b, n, np.arange(index + 1), history]
+        expected = numpy_attention(q[b * C + c, :, n], k, v, np.ones((1, index + 1), bool))
+        np.testing.assert_allclose(out[b, c, n], expected[0], rtol=1e-5, atol=1e-6)
 
 
 def _mha_params(config, x, y, mask):

@@ -15,7 +15,7 @@ from reference_decode import greedy_search_uncached, uncached_decoder
 from transformer_jax import BOS_ID, EOS_ID, PAD_ID, Transformer
 from transformer_jax.decode import (
     CacheGrowth, beam_search, doubling_lengths, expand_to_beams, greedy_search, length_penalty)
-from transformer_jax import translation
+from transformer_jax import decode, translation
 from transformer_jax.translation import cached_decoder, grow_self_cache, make_translate_fn, translate
 from transformer_jax.topk import blockwise_top_k, per_device_top_k
 
@@ -304,16 +304,22 @@ def test_cached_greedy_equals_uncached_greedy():
   np.testing.assert_array_equal(cached, uncached)
 
 
-def test_cached_beam_search_equals_uncached_beam_search():
+@pytest.mark.parametrize("follow", ["rows", "in place"])
+def test_cached_beam_search_equals_uncached_beam_search(follow):
+  """Whether the search gathers the whole cache after every step (`decode.ROWS`) or the decoder
+  keeps each beam's keys where they were written (`translation.IN_PLACE`)."""
   model, params, src = model_and_sources()
   max_len, beam_size = S + EXTRA, 3
+  cache_follows = {"rows": decode.ROWS, "in place": translation.IN_PLACE}[follow]
 
   @jax.jit
   def search(params, src):
     encoded = model.apply({"params": params}, src, method=Transformer.encode)
-    return [beam_search(*make_decoder(model, params, encoded, src, max_len), src.shape[0],
-                        beam_size, max_len, 0.6)
-            for make_decoder in (cached_decoder, uncached_decoder)]
+    tokens_to_logits, cache = cached_decoder(model, params, encoded, src, max_len)
+    return [beam_search(tokens_to_logits, cache, src.shape[0], beam_size, max_len, 0.6,
+                        follow=cache_follows),
+            beam_search(*uncached_decoder(model, params, encoded, src, max_len), src.shape[0],
+                        beam_size, max_len, 0.6)]
 
   (cached_seqs, cached_scores), (uncached_seqs, uncached_scores) = search(params, src)
   np.testing.assert_array_equal(cached_seqs, uncached_seqs)

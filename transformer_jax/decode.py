@@ -6,10 +6,11 @@ Transformer's decoder). They drive a callable
   tokens_to_logits(tokens [N, 1] int32, cache, index int32 scalar) -> (logits [N, V] float32, cache)
 
 that reads the token at output position `index` (BOS_ID at position 0) and returns the logits of
-the token at position `index + 1`, together with its updated cache. Every leaf of the cache has the
-flattened batch N as its leading axis, so keeping some hypotheses and dropping others is a gather on
-axis 0 of every leaf. That is all the search assumes, so the tests drive it with fake models whose
-best output can be found by enumerating every sequence.
+the token at position `index + 1`, together with its updated cache. By default every leaf of the
+cache has the flattened batch N as its leading axis, so keeping some hypotheses and dropping others
+is a gather on axis 0 of every leaf (`ROWS`); a model may keep its keys where they were written and
+say how its cache follows the hypotheses instead (`BeamCache`). That is all the search assumes, so
+the tests drive it with fake models whose best output can be found by enumerating every sequence.
 
 Shapes: B batch, K beam size, N = B * K flattened rows, L maximum output length, S source length,
 D d_model, V vocabulary.
@@ -89,7 +90,7 @@ def expand_to_beams(tree: Any, beam_size: int) -> Any:
   return jax.tree.map(lambda x: jnp.repeat(x, beam_size, axis=0), tree)
 
 
-def _gather_beams(tree: Any, parent: Array) -> Any:
+def gather_beams(tree: Any, parent: Array) -> Any:
   """Every leaf [B * K, ...] reordered to follow the surviving beams: new beam k of example b is
   old beam parent[b, k] of the same example.
 
@@ -105,6 +106,21 @@ def _gather_beams(tree: Any, parent: Array) -> Any:
     return jnp.take_along_axis(x, index, axis=1, mode="promise_in_bounds").reshape(B * K, *x.shape[2:])
 
   return jax.tree.map(gather, tree)
+
+
+class BeamCache(NamedTuple):
+  """How a beam search's cache follows its hypotheses.
+
+  `expand(cache, K)` turns the initial cache of B examples into one for their K hypotheses each;
+  `reorder(cache, parent)` makes new hypothesis k of example b the continuation of old hypothesis
+  parent[b, k] ([B, K] int32). `ROWS` does both on axis 0 of every leaf.
+  """
+
+  expand: Callable[[Cache, int], Cache]
+  reorder: Callable[[Cache, Array], Cache]
+
+
+ROWS = BeamCache(expand_to_beams, gather_beams)
 
 
 def check_search_args(batch_size: int, max_len: int, beam_size: int = 1, alpha: float = 0.0) -> None:
@@ -207,10 +223,10 @@ def greedy_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: in
 
 
 def beam(tokens_to_logits: TokensToLogits, batch_size: int, beam_size: int, max_len: int,
-         alpha: float = 0.6) -> Search:
+         alpha: float = 0.6, follow: BeamCache = ROWS) -> Search:
   """Beam search in pieces (`beam_search` runs them and says what they do). State: (index, alive
   sequences [B, K, L], alive log-probabilities [B, K], alive last tokens [B, K], finished scores
-  [B, K], finished sequences [B, K, L], cache with leaves [B * K, ...])."""
+  [B, K], finished sequences [B, K, L], cache as `follow.expand` makes it)."""
   check_search_args(batch_size, max_len, beam_size, alpha)
   B, K, L = batch_size, beam_size, max_len
   max_penalty = length_penalty(L, alpha)
@@ -225,7 +241,7 @@ def beam(tokens_to_logits: TokensToLogits, batch_size: int, beam_size: int, max_
         jnp.full((B, K), BOS_ID, jnp.int32),
         jnp.full((B, K), NEG_INF, jnp.float32),
         jnp.full((B, K, L), PAD_ID, jnp.int32),
-        expand_to_beams(cache, K),
+        follow.expand(cache, K),
     )
 
   def done(state):
@@ -262,7 +278,7 @@ def beam(tokens_to_logits: TokensToLogits, batch_size: int, beam_size: int, max_
     alive_logprob, keep = per_device_top_k(jnp.where(ends, NEG_INF, top_logprob), K)
     alive_seqs = jnp.take_along_axis(top_seqs, keep[:, :, None], axis=1)
     alive_last = jnp.take_along_axis(top_token, keep, axis=1)
-    cache = _gather_beams(cache, jnp.take_along_axis(top_beam, keep, axis=1))
+    cache = follow.reorder(cache, jnp.take_along_axis(top_beam, keep, axis=1))
     return i + 1, alive_seqs, alive_logprob, alive_last, finished_scores, finished_seqs, cache
 
   return Search(init, step, done, best=lambda state: _beam_outputs(state, max_penalty)[0][:, 0])
@@ -280,8 +296,8 @@ def _beam_outputs(state: tuple, max_penalty: Array) -> tuple[Array, Array]:
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int, beam_size: int,
-                max_len: int, alpha: float = 0.6,
-                growth: CacheGrowth | None = None) -> tuple[Array, Array]:
+                max_len: int, alpha: float = 0.6, growth: CacheGrowth | None = None,
+                follow: BeamCache = ROWS) -> tuple[Array, Array]:
   """Beam search with the GNMT length penalty, as in section 6.1 (beam 4, alpha 0.6).
 
   Each example keeps K alive hypotheses (not yet ended) and K finished ones (ended by EOS_ID).
@@ -304,13 +320,14 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
   Args:
     tokens_to_logits: the model step, see the module docstring; called with N = B * K rows, row
       b * K + k being beam k of example b.
-    cache: the initial state for B examples, every leaf [B, ...]; it is repeated K times here
-      (`expand_to_beams`).
+    cache: the initial state for B examples, every leaf [B, ...]; `follow.expand` makes it one
+      for K hypotheses each (by default `expand_to_beams`, every row repeated K times).
     batch_size: B.
     beam_size: K.
     max_len: L, the most tokens a hypothesis may have (EOS_ID included).
     alpha: the length penalty's strength, >= 0.
     growth: how the cache grows, if it does (see `greedy_search`).
+    follow: how the cache follows the hypotheses (`BeamCache`).
 
   Returns:
     sequences: [B, K, L] int32, best first, PAD_ID after EOS_ID.
@@ -318,7 +335,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Cache, batch_size: int,
       hold -inf. An example with no finished hypothesis at all returns its alive ones instead,
       scored with |Y| = L.
   """
-  search = beam(tokens_to_logits, batch_size, beam_size, max_len, alpha)
+  search = beam(tokens_to_logits, batch_size, beam_size, max_len, alpha, follow)
   state = run_search(search, search.init(cache), max_len, growth)
   return _beam_outputs(state, length_penalty(max_len, alpha))
 

@@ -24,7 +24,8 @@ from flax import traverse_util
 from jax import lax
 
 from transformer_jax import kernels
-from transformer_jax.attention import SELF_CACHE, MultiHeadAttention, causal_mask, segment_mask
+from transformer_jax.attention import (KEY_SLOTS, SELF_CACHE, MultiHeadAttention, causal_mask,
+                                      segment_mask, slot_mask)
 from transformer_jax.config import TransformerConfig
 from transformer_jax.constants import BOS_ID, PAD_ID
 from transformer_jax.layers import Dropout, FeedForward, PositionalEncoding, SharedEmbedding, layer_norm
@@ -167,8 +168,11 @@ class Decoder(nn.Module):
     y = Dropout(cfg.dropout_rate)(y, deterministic=not train)
     y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
     # Padding and packing mask, and the causal mask that keeps the decoder auto-regressive (3.2.3).
-    # With a cache, self-attention's mask comes from the decode position instead.
-    self_mask = segment_mask(tgt_segments, tgt_segments) & causal_mask(tgt_in.shape[1])
+    # With a cache, self-attention's mask comes from the decode position and the key slots instead.
+    if decode_index is None:
+      self_mask = segment_mask(tgt_segments, tgt_segments) & causal_mask(tgt_in.shape[1])
+    else:
+      self_mask = self._cached_self_mask(tgt_in, decode_index)
     cross_mask = segment_mask(tgt_segments, src_segments)
     for i in range(cfg.num_layers):
       y = DecoderLayer(cfg, name=f"layer_{i}")(
@@ -185,6 +189,17 @@ class Decoder(nn.Module):
     if bias is not None:
       logits = logits + bias.astype(jnp.float32)
     return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+
+  def _cached_self_mask(self, tgt_in: Array, index: Array) -> Array:
+    """Self-attention's mask over the cache (`attention.slot_mask`), after recording that each
+    row's keys at positions index .. index + T - 1 are in its own slot. The key slots are created
+    with the cache: one slot per row, the first call's length (see attention.KEY_SLOTS)."""
+    rows, T = tgt_in.shape
+    slots = self.variable("cache", KEY_SLOTS, jnp.zeros, (rows, 1, T), jnp.int32)
+    B, C, _ = slots.value.shape
+    own = jnp.broadcast_to(jnp.arange(C, dtype=jnp.int32)[:, None], (B, C, T))
+    slots.value = lax.dynamic_update_slice(slots.value, own, (0, 0, index))
+    return slot_mask(slots.value, index, T)
 
 
 class EncoderLayer(nn.Module):
@@ -270,11 +285,12 @@ def init_cache(model: Transformer, params: Any, encoded: Array, src: Array, max_
       method=Transformer.decode, mutable=["cache"])[1]["cache"]
   # The self-attention caches take their length from the first call's input: get their shapes from
   # a full-length call without running it, and start them at zero. They are told apart from the
-  # encoder-decoder entries by their variable names (attention.SELF_CACHE).
+  # encoder-decoder entries by their variable names (attention.SELF_CACHE and KEY_SLOTS).
   shapes = jax.eval_shape(decode, jnp.zeros((batch, max_len), jnp.int32), {})
   self_only = traverse_util.unflatten_dict({
       path: jnp.zeros(s.shape, s.dtype)
-      for path, s in traverse_util.flatten_dict(shapes).items() if path[-1] in SELF_CACHE
+      for path, s in traverse_util.flatten_dict(shapes).items()
+      if path[-1] in (*SELF_CACHE, KEY_SLOTS)
   })
   # One real step on a placeholder token then fills the encoder-decoder entries; the placeholder's
   # keys and values at position 0 are overwritten by the first decoding step.
