@@ -72,8 +72,8 @@ def scaled_dot_product_attention(q: Array, k: Array, v: Array, mask: Array | Non
       stored, each a batched matrix product with its right operand contracted on its rows. With
       [B, S, N, K] XLA would transpose the whole cache at every decoding step; keys stored
       [B, N, S, K] make XLA:CPU's product Q K^T 2 to 3 times slower for beam search's folded
-      queries (T = beam, BENCHMARKS.md "Decoding"). The queries are still [B, T, N, K] and the
-      output [B, T, N, H].
+      queries (T = beam; BENCHMARKS.md, "Against CTranslate2"). The queries are still
+      [B, T, N, K] and the output [B, T, N, H].
 
   Returns:
     The attended values [B, T, N, H] in v's dtype, and the attention weights [B, N, T, S] (float32).

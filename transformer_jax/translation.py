@@ -130,7 +130,8 @@ def _reorder_slots(cache: Cache, parent: Array) -> Cache:
 # Beam search over `cached_decoder`'s cache: each example's K beams get one slot each, a step writes
 # each beam's keys and values into its own slot, and the search reorders only the key slots,
 # [B, K, L] int32, instead of every layer's keys and values (`attention.slot_mask`). A beam-4 step
-# of the quick start's model on 32 examples takes 17% to 26% less time (BENCHMARKS.md, "Decoding").
+# of the quick start's model on 32 examples takes 17% to 26% less time (BENCHMARKS.md, "Against
+# CTranslate2").
 IN_PLACE = BeamCache(_expand_slots, _reorder_slots)
 
 
