@@ -192,6 +192,25 @@ def test_cached_decoding_equals_the_full_decoder(variant):
     np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, err_msg=f"position {t}")
 
 
+def test_a_decoding_step_attends_in_plain_products_whatever_the_implementation():
+  """attention_impl="cudnn" cannot run on a CPU, yet its cached decoding steps do: they never call
+  a fused kernel, and give the plain model's logits (the encoder is the plain model's here)."""
+  plain, fused = tiny_config(), tiny_config(attention_impl="cudnn")
+  src, tgt = batch(plain)
+  params = init_params(plain, src, tgt)
+  encoded = Transformer(plain).apply({"params": params}, src, method=Transformer.encode)
+  tgt_in = shift_right(tgt, jnp.broadcast_to(jnp.arange(T), tgt.shape))
+  full = Transformer(plain).apply({"params": params}, encoded, src, tgt_in, method=Transformer.decode)
+  model = Transformer(fused)
+  cache = init_cache(model, params, encoded, src, max_len=T)
+  for t in range(T):
+    logits, variables = model.apply({"params": params, "cache": cache}, encoded, src,
+                                    tgt_in[:, t:t + 1], decode_index=jnp.int32(t),
+                                    method=Transformer.decode, mutable=["cache"])
+    cache = variables["cache"]
+    np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-5, err_msg=f"position {t}")
+
+
 def test_dropout_is_off_at_evaluation_and_keyed_in_training():
   config = tiny_config(dropout_rate=0.3)
   src, tgt = batch(config)

@@ -12,13 +12,15 @@ SENTENCES = [f"the {a} {b} went to the {c}" for a in ("red", "old", "big") for b
              for c in ("market", "river", "house")] * 5
 
 
-def saved_run(workdir, vocab_size: int = 48):
+def saved_run(workdir, vocab_size: int = 48, attention_impl: str = "einsum"):
   """A workdir as training leaves it (also for tests/test_cli.py): a tokenizer of SENTENCES and
-  checkpoints 1 and 2 of an untrained tiny model."""
+  checkpoints 1 and 2 of an untrained tiny model, whose saved config says `attention_impl` (the
+  parameters are the same for all: "cudnn" is saved without running it)."""
   train_tokenizer(SENTENCES, vocab_size=vocab_size).save(workdir / "tokenizer.model")
   config = tiny_run.tiny_run_config(steps=4)
   config.model.vocab_size = vocab_size
   setup = steps.make_setup(config, jax.devices()[:1])
+  config.model.attention_impl = attention_impl
   state = setup.init_state(0)
   manager = checkpoints.make_manager(str(workdir), config.train)
   for step in (1, 2):
@@ -39,6 +41,15 @@ def test_a_run_loads_its_last_checkpoint_or_the_ones_asked_for(run_dir):
   assert runs.load_run(str(run_dir), step=1).steps == [1]
   run = runs.load_run(str(run_dir), average_last=2)
   assert run.steps == [1, 2] and run.tokenizer.vocab_size == run.config.model.vocab_size == 48
+
+
+def test_a_run_trained_with_cudnn_attention_translates_where_there_is_none(run_dir, tmp_path):
+  """cuDNN's attention is a GPU's kernel for the paper's function: a run trained with it loads on a
+  CPU with XLA's attention, and translates as the same run trained without it."""
+  gpu_run = runs.load_run(str(saved_run(tmp_path, attention_impl="cudnn")))
+  assert gpu_run.config.model.attention_impl == "dot_product"
+  sentences = SENTENCES[:6]
+  assert gpu_run.translate(sentences) == runs.load_run(str(run_dir)).translate(sentences)
 
 
 def test_an_unusable_workdir_is_named_with_what_is_wrong(run_dir, tmp_path):

@@ -198,13 +198,14 @@ class MultiHeadAttention(nn.Module):
     if copies > 1:
       q = fold_beams(q, copies)
 
+    # A decoding step attends in the plain products whatever `attention_impl` says: its few
+    # queries against the cache gain nothing from a fused kernel (which pays off on long blocks of
+    # queries and keys, BENCHMARKS.md), and the cache is laid out for these products.
     cache_layout = decode_index is not None
-    if cfg.attention_impl == "einsum":
+    if cfg.attention_impl == "einsum" or cache_layout:
       out, weights = scaled_dot_product_attention(q, k, v, mask, cache_layout=cache_layout)
       self.sow("intermediates", "attention_weights", weights)
     else:
-      if cache_layout:  # Back to [B, S, N, K] and [B, S, N, H].
-        k, v = k.transpose(0, 3, 1, 2), jnp.swapaxes(v, 1, 2)
       # "dot_product" leaves the kernel to jax (on an H200 with jax 0.11.2 it chose XLA's own, not
       # cuDNN's: BENCHMARKS.md); "cudnn" asks for cuDNN's fused kernel.
       implementation = "cudnn" if cfg.attention_impl == "cudnn" else None

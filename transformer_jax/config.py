@@ -46,7 +46,9 @@ class TransformerConfig:
       x + Dropout(Sublayer(LayerNorm(x))) with a final LayerNorm on each stack.
     attention_impl: "einsum" (plain, returns attention weights for inspection), "dot_product"
       (`jax.nn.dot_product_attention`, jax's choice of kernel) or "cudnn" (the same, asking for
-      cuDNN's fused attention explicitly: NVIDIA GPUs only, bfloat16; the faster on a GPU).
+      cuDNN's fused attention explicitly: NVIDIA GPUs only, bfloat16; the faster on a GPU). Any of
+      them for training and the encoder; a cached decoding step always attends with the plain
+      products.
     dtype: compute dtype of activations and matmuls ("float32" or "bfloat16"). Logits, softmax
       and loss stay in float32 whatever this is.
     param_dtype: storage dtype of the parameters.

@@ -13,18 +13,23 @@ user errors that name the workdir or the checkpoint and what to do about it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
-from transformer_jax import checkpoints, evaluate, paths
+from transformer_jax import accelerators, checkpoints, evaluate, paths
 from transformer_jax.config import decode_tokens_per_batch
 from transformer_jax.data import token_cache
 from transformer_jax.errors import CheckpointError, UserError
 from transformer_jax.steps import Setup, make_setup
 from transformer_jax.tokenizer import MARIAN_TOKENIZER_DIR, MarianVocabTokenizer, Tokenizer, load_run_tokenizer
+
+
+log = logging.getLogger(__name__)
 
 
 class RunError(UserError, ValueError):
@@ -92,6 +97,11 @@ def load_run(workdir: str, *, average_last: int = 1, step: int | None = None) ->
     config = _explain(checkpoints.restore_config, steps)(manager, used[-1])
     for axis, size in (("data", -1), ("fsdp", 1), ("tensor", 1)):
       config.mesh[axis] = size  # Translate on whatever devices are here.
+    if config.model.attention_impl == "cudnn" and not all(
+        map(accelerators.supports_cudnn_attention, jax.devices())):
+      # cuDNN's kernel computes the same function as XLA's: a run trained on a GPU translates anywhere.
+      config.model.attention_impl = "dot_product"
+      log.info("%s was trained with cuDNN's attention, which these devices lack: XLA's instead.", workdir)
     if tokenizer.vocab_size != config.model.vocab_size:
       raise RunError(f"the tokenizer in {workdir} has {tokenizer.vocab_size} pieces but the "
                      f"checkpoint's model has vocab_size={config.model.vocab_size}")
