@@ -52,7 +52,11 @@ def main() -> None:
   labels = args.label + [""] * (len(workdirs) - len(args.label))
   runs = [describe(w, label) for w, label in zip(workdirs, labels)]
 
-  import matplotlib
+  try:
+    import matplotlib
+  except ModuleNotFoundError:  # A lent GPU machine may lack it; the figures above are the result.
+    print(f"no matplotlib here: {args.out} not drawn (the metrics.jsonl can be plotted elsewhere)")
+    return
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.2))

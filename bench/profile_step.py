@@ -38,7 +38,7 @@ from transformer_jax import cpu
 import flax.linen as nn
 import jax
 
-from bench.train_step import step_inputs
+from bench.train_step import cpu_kernels_override, step_inputs
 from transformer_jax.cpu import cpu_description
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.-]+) = (\([^()]*\)|\S+) (\w[\w-]*)\(")  # Tuple shapes too.
@@ -109,21 +109,36 @@ def kind_of(name: str, instructions: dict, computations: dict, vocab_size: int) 
   return "other elementwise"
 
 
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+  """The length of the union of (start, end) intervals: the time at least one op ran."""
+  total, end = 0.0, float("-inf")
+  for start, stop in sorted(intervals):
+    if stop > end:
+      total += stop - max(start, end)
+      end = stop
+  return total
+
+
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--size", default="small", choices=("small", "base", "big"))
+  parser.add_argument("--size", default="small", help="a config of configs/: small, base, big, gpu")
   parser.add_argument("--batch", default="", help="ROWSxLENGTH per side (default: bench/train_step.py's)")
   parser.add_argument("--steps", type=int, default=3, help="traced steps (after 2 untraced)")
   parser.add_argument("--top", type=int, default=15, help="largest ops to list")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--attention_impl", default="einsum", choices=("einsum", "dot_product", "cudnn"))
+  parser.add_argument("--loss_chunks", type=int, default=0,
+                      help="slices of the target length for the projection and loss (default: the config's)")
+  parser.add_argument("--cpu_kernels", default="config", choices=("config", "on", "off"),
+                      help="model.cpu_kernels: kernels.py's backward forms (on) or autodiff's (off); default: the config's")
   parser.add_argument("--keep_trace", default="", help="a directory to copy the raw trace into")
   args = parser.parse_args()
   cpu.keep_cpu_step_memory()  # As train.py and bench/train_step.py do.
 
   batch_shape = tuple(map(int, args.batch.lower().split("x"))) if args.batch else None
   config, setup, state, key, src, _, batch = step_inputs(
-      args.size, batch_shape, dtype=args.dtype, attention_impl=args.attention_impl)
+      args.size, batch_shape, args.loss_chunks, dtype=args.dtype, attention_impl=args.attention_impl,
+      **cpu_kernels_override(args.cpu_kernels))
   rows, length = src.shape
   vocab_size = config.model.vocab_size
   with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
@@ -154,7 +169,7 @@ def main():
   counted = lambda event: on_host or "/device:" in processes.get(event.get("pid"), "")
   seen = collections.Counter(processes.get(e.get("pid"), "?") for e in events
                              if e.get("args", {}).get("hlo_op"))
-  per_op = collections.Counter()
+  per_op, intervals = collections.Counter(), []
   for event in events:
     op = event.get("args", {}).get("hlo_op")
     if (op and event.get("args", {}).get("hlo_module") == "jit_train_step" and "dur" in event
@@ -162,6 +177,8 @@ def main():
       if instructions.get(op, ("", ""))[1] in _CONTAINERS:
         continue  # Its body's ops are timed (and counted) on their own.
       per_op[op] += event["dur"] / 1e3 / args.steps  # ms per step
+      intervals.append((float(event["ts"]), float(event["ts"]) + float(event["dur"])))
+  busy = busy_time(intervals) / 1e3 / args.steps  # ms per step with at least one op running
   per_kind = collections.Counter()
   for op, ms in per_op.items():
     per_kind[kind_of(op, instructions, computations, vocab_size)] += ms
@@ -170,9 +187,14 @@ def main():
   print(f"CPU: {cpu_description()}")
   threads = "two threads, so op time can exceed wall time" if on_host else "on the device's streams"
   print(f"jax {jax.__version__} ({jax.devices()[0].device_kind}); {args.size} {rows}x{length}, "
-        f"{args.dtype}, attention_impl={args.attention_impl}; {args.steps} traced steps: "
+        f"{args.dtype}, attention_impl={args.attention_impl}, loss_chunks={config.train.loss_chunks}, "
+        f"cpu_kernels={config.model.cpu_kernels}; {args.steps} traced steps: "
         f"{wall * 1e3:.0f} ms a step under the profiler, {total:.0f} ms of op time a step "
         f"({len(per_op)} ops; {threads})")
+  where = "the CPU's threads" if on_host else "the device"
+  print(f"busy (at least one op running on {where}): {busy:.1f} ms a step; idle: "
+        f"{max(0.0, wall * 1e3 - busy):.1f} ms ({max(0.0, 1 - busy / (wall * 1e3)):.0%} of the wall "
+        "time: launches, gaps between kernels, host work, the profiler's own cost)")
   print("traced events naming an HLO op, by process: " +
         ", ".join(f"{name or '?'} {n}" for name, n in seen.most_common()) + "\n")
   width = max(len(kind) for kind in per_kind) + 2

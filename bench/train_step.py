@@ -117,9 +117,21 @@ def step_inputs(size: str, batch_shape=None, loss_chunks: int = 0, **model_overr
                     setup.put_batch({"src": src, "tgt": tgt}))
 
 
-def bench_size(size: str, args) -> dict:
+def cpu_kernels_override(choice: str) -> dict:
+  """The model override of a `--cpu_kernels` flag: none for "config", else model.cpu_kernels."""
+  return {} if choice == "config" else {"cpu_kernels": choice == "on"}
+
+
+def variants(args) -> list[tuple[str, str, int]]:
+  """(size, cpu_kernels, loss_chunks) for every combination the flags list, in their order."""
+  return [(size, kernels, int(chunks)) for size in args.sizes.split(",")
+          for kernels in args.cpu_kernels.split(",") for chunks in args.loss_chunks.split(",")]
+
+
+def bench_size(size: str, args, kernels: str = "config", chunks: int = 0) -> dict:
   config, setup, state, key, src, tgt, batch = step_inputs(
-      size, args.batch, args.loss_chunks, attention_impl=args.attention_impl, dtype=args.dtype)
+      size, args.batch, chunks, attention_impl=args.attention_impl, dtype=args.dtype,
+      **cpu_kernels_override(kernels))
   rows, length = src.shape
   cfg = TransformerConfig.from_config(config.model)
   t0 = time.perf_counter()
@@ -141,7 +153,9 @@ def bench_size(size: str, args) -> dict:
   if peer:
     torch_peak = peer.matmul_peak()
     peer.close()
-  return {"size": size, "batch": f"{rows}x{length}",
+  settings = f"cpu_kernels={config.model.cpu_kernels}, loss_chunks={config.train.loss_chunks}"
+  label = size if len(variants(args)) == len(args.sizes.split(",")) else f"{size}, {settings}"
+  return {"size": label, "settings": settings, "batch": f"{rows}x{length}",
           "params": sum(x.size for x in jax.tree.leaves(state.params)),
           "flops": train_step_flops(cfg, rows, length, length), "compile_s": compile_s,
           "tokens": rows * length, "ours": statistics.median(ours),
@@ -158,8 +172,13 @@ def main():
   parser.add_argument("--batch", default="", help="ROWSxLENGTH per side, for every size (default: per size)")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--attention_impl", default="einsum", choices=("einsum", "dot_product", "cudnn"))
-  parser.add_argument("--loss_chunks", type=int, default=0,
-                      help="slices of the target length for the projection and loss (default: the config's)")
+  parser.add_argument("--loss_chunks", default="0",
+                      help="slices of the target length for the projection and loss; 0: the config's; "
+                           "a comma-separated list times each")
+  parser.add_argument("--cpu_kernels", default="config",
+                      help="model.cpu_kernels: the loss's and feed-forward layers' backward forms "
+                           "of kernels.py (on) or autodiff's (off), or the config's; a comma-separated "
+                           "list (on,off) times each")
   parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch peer")
   parser.add_argument("--torch_stock", action="store_true",
                       help="keep nn.Transformer's attention/feed-forward dropout and final norms")
@@ -183,7 +202,7 @@ def main():
   # The peak: on a CPU the best of both libraries, measured before and after the runs (the clock
   # moves with the load of the machine's other tenants); elsewhere the vendor's figure.
   peaks = {"jnp.dot": matmul_peak()} if on_cpu else {}
-  results = [bench_size(size, args) for size in args.sizes.split(",")]
+  results = [bench_size(size, args, kernels, chunks) for size, kernels, chunks in variants(args)]
   if on_cpu:
     peaks["jnp.dot"] = max(peaks["jnp.dot"], matmul_peak())
     if not args.no_torch:
@@ -207,20 +226,23 @@ def main():
     autocast = ", autocast bfloat16" if args.torch_dtype == "bfloat16" else ", float32"
     versions += f", torch {version('torch')} ({where}{autocast}, its own process)"
   print(f"\nCPU: {cpu_description()}")
-  chunks = args.loss_chunks or "the config's"
-  print(f"{versions}, {args.dtype}, attention_impl={args.attention_impl}, loss_chunks={chunks}, "
+  settings = sorted({r["settings"] for r in results})
+  print(f"{versions}, {args.dtype}, attention_impl={args.attention_impl}, "
+        f"{settings[0] if len(settings) == 1 else 'cpu_kernels and loss_chunks by row'}, "
         f"{'default allocator' if args.default_memory else 'keep_cpu_step_memory'}, "
         f"medians of {args.rounds} {'interleaved ' if not args.no_torch else ''}rounds\n")
   mfu = lambda r, t: f"{r['flops'] / t / peak:>7.1%}" if peak else f"{'n/a':>7}"
-  header = f"{'size':<6}{'batch':>9}{'params':>9}{'GFLOP':>8}{'':>3}{'ours ms':>9}{'tok/s':>9}{'MFU':>7}"
+  width = max(6, *(len(r["size"]) + 1 for r in results))
+  ms = lambda t: f"{t * 1e3:>9.1f}" if t < 0.1 else f"{t * 1e3:>9.0f}"
+  header = f"{'size':<{width}}{'batch':>9}{'params':>9}{'GFLOP':>8}{'':>3}{'ours ms':>9}{'tok/s':>9}{'MFU':>7}"
   if not args.no_torch:
     header += f"{'':>3}{'torch ms':>9}{'tok/s':>9}{'MFU':>7}{'ours/torch':>12}"
   print(header + f"{'paper schedule':>16}")
   for r in results:
-    row = (f"{r['size']:<6}{r['batch']:>9}{r['params'] / 1e6:>8.1f}M{r['flops'] / 1e9:>8.0f}{'':>3}"
-           f"{r['ours'] * 1e3:>9.0f}{r['tokens'] / r['ours']:>9.0f}{mfu(r, r['ours'])}")
+    row = (f"{r['size']:<{width}}{r['batch']:>9}{r['params'] / 1e6:>8.1f}M{r['flops'] / 1e9:>8.0f}"
+           f"{'':>3}{ms(r['ours'])}{r['tokens'] / r['ours']:>9.0f}{mfu(r, r['ours'])}")
     if r["theirs"] is not None:
-      row += (f"{'':>3}{r['theirs'] * 1e3:>9.0f}{r['tokens'] / r['theirs']:>9.0f}{mfu(r, r['theirs'])}"
+      row += (f"{'':>3}{ms(r['theirs'])}{r['tokens'] / r['theirs']:>9.0f}{mfu(r, r['theirs'])}"
               f"{r['theirs'] / r['ours']:>11.2f}x")
     hours = PAPER_STEPS * PAPER_TOKENS / (r["tokens"] / r["ours"]) / 3600
     print(row + f"{hours:>14,.1f} h")

@@ -138,7 +138,7 @@ def test_the_gpu_check_runs_every_part_at_tiny_sizes(tmp_path):
                         capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   parts = {p.name: p.read_text() for p in tmp_path.glob("*.txt")}
-  assert set(parts) == {"devices.txt", "train_step_base.txt", "train_step_big.txt", "profile.txt",
+  assert set(parts) - {"install.txt"} == {"devices.txt", "train_step_base.txt", "train_step_big.txt", "profile.txt",
                         "train_step_dot_product.txt", "attention.txt", "decode.txt"}
   failed = [name for name, text in parts.items() if "exit status" in text]
   assert not failed, {name: parts[name][-2000:] for name in failed}
@@ -166,3 +166,54 @@ def test_the_bleu_curve_plots_a_run(tmp_path):
                    str(tmp_path / "curve.png"))
   assert "BLEU 10 at 8.0 min, BLEU 20 at 16.0 min, BLEU 25 at -" in out  # A cut line is skipped.
   assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_the_profile_counts_overlapping_ops_once():
+  from bench.profile_step import busy_time
+  assert busy_time([]) == 0.0
+  # Two threads' ops overlapping (0-4, 2-6), one inside another (7-9 in 7-10), one alone (12-13).
+  assert busy_time([(2.0, 6.0), (0.0, 4.0), (7.0, 10.0), (7.0, 9.0), (12.0, 13.0)]) == 10.0
+
+
+def test_train_step_benchmark_times_each_form_of_the_loss_in_one_process():
+  out = run_script("-m", "bench.train_step", "--sizes", "small", "--batch", "2x16", "--rounds", "1",
+                   "--steps", "1", "--no_torch", "--cpu_kernels", "on,off", "--loss_chunks", "2,1")
+  rows = [line for line in out.splitlines() if line.startswith("small, cpu_kernels=")]
+  assert [row.split("  ")[0] for row in rows] == [
+      f"small, cpu_kernels={kernels}, loss_chunks={chunks}"
+      for kernels in (True, False) for chunks in (2, 1)], out
+
+
+def test_the_device_carry_takes_what_the_image_lacks_and_installs_what_is_missing(tmp_path):
+  from bench import device_carry
+  report = {"install": [
+      {"metadata": {"name": name, "version": "1.0"}, "download_info": {"url": f"https://x/{name}.whl"}}
+      for name in ("grain", "jax", "jax_cuda12_plugin", "nvidia-cudnn-cu12", "pyarrow", "ML_Collections")]}
+  assert [name for name, _, _ in device_carry.to_carry(report)] == ["grain", "ml-collections"]
+
+  wheels = [tmp_path / f"{name}-py3-none-any.whl" for name in
+            ("grain-0.2.18", "ml_collections-1.1.0", "etils-1.15.0", "sacrebleu-2.6.0")]
+  present = {"ml-collections": "1.1.0", "etils": "1.0", "sacrebleu": "2.1"}  # Too old for us: etils.
+  chosen = device_carry.wanted(wheels, ["ml-collections>=1.1,<2", "etils[epath]>=1.5", "sacrebleu>=2"],
+                               present.get)
+  assert [p.name.split("-")[0] for p in chosen] == ["etils", "grain"]
+  # The project's own requirements are what decides.
+  assert any(r.startswith("orbax-checkpoint") for r in device_carry.project_requirements())
+
+
+@pytest.mark.slow  # About two minutes: four train steps, two profiles and a tiny training run.
+def test_the_gpu_check_runs_the_forms_and_the_gpu_quick_start_at_tiny_sizes(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable}
+  env.pop("XLA_FLAGS", None)
+  done = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path), "forms", "profile_forms",
+                         "quickstart"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+  parts = {p.name: p.read_text() for p in tmp_path.glob("*.txt")}
+  assert {"devices.txt", "forms.txt", "profile_forms.txt", "quickstart.txt"} <= set(parts)
+  failed = [name for name, text in parts.items() if "exit status" in text]
+  assert not failed, {name: parts[name][-2000:] for name in failed}
+  rows = [line for line in parts["forms.txt"].splitlines() if line.startswith("small, cpu_kernels=")]
+  assert len(rows) == 4, parts["forms.txt"]
+  assert parts["profile_forms.txt"].count("busy (at least one op running") == 2
+  assert "first reached: BLEU 10 at" in parts["quickstart.txt"]
+  assert (tmp_path / "test_metrics.json").exists() and (tmp_path / "metrics.jsonl").exists()
