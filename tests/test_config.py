@@ -1,5 +1,6 @@
 """Config files, command-line overrides (every Table 3 variation) and hyperparameter validation."""
 
+import dataclasses
 import pathlib
 import sys
 from unittest import mock
@@ -47,6 +48,8 @@ def test_there_are_config_files():
 def test_every_config_file_loads_and_builds_its_model(config_file):
   config = parse(config_file)
   model_config = TransformerConfig.from_config(config.model)
+  if model_config.attention_impl == "cudnn":  # Traced only where cuDNN is; the parameters are the same.
+    model_config = dataclasses.replace(model_config, attention_impl="dot_product")
   params = abstract_params(model_config)
   assert params["embed"]["embedding"].shape == (model_config.vocab_size, model_config.d_model)
 
@@ -170,6 +173,20 @@ def test_bad_override_is_caught_before_tracing():
 def test_explicit_d_k_lifts_the_divisibility_requirement():
   config = TransformerConfig(d_model=510, num_heads=8, d_k=64, d_v=64)
   assert config.head_dim_k == 64
+
+
+def test_the_gpu_quick_start_is_the_quick_start_held_to_steps_in_bfloat16_with_cudnn():
+  """configs/gpu.py changes configs/small.py only where its docstring says: the precision, the
+  attention kernel, a step count for the time budget, and fewer checkpoints."""
+  flatten = lambda config: {f"{section}.{key}": value for section, fields in config.to_dict().items()
+                            if isinstance(fields, dict) for key, value in fields.items()}
+  small, gpu = flatten(parse("small.py")), flatten(parse("gpu.py"))
+  changed = {key: gpu[key] for key in gpu if gpu[key] != small[key]}
+  assert changed == {"model.dtype": "bfloat16", "model.attention_impl": "cudnn",
+                     "train.time_budget_minutes": 0.0, "train.num_steps": 2000,
+                     "train.checkpoint_every": 500}
+  # The cooldown then takes the last 20% of the steps, as it took 20% of the 30 minutes.
+  assert gpu["train.cooldown_fraction"] == small["train.cooldown_fraction"] == 0.2
 
 
 def test_cudnn_attention_is_refused_without_a_gpu():
