@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -40,6 +41,10 @@ def main(argv):
     cpu.keep_cpu_step_memory()  # CPU backends only; before anything else starts JAX's backends.
     distributed.check_started()  # Several processes without a coordinator: stop now, naming the flags.
     accelerators.check_backend(strict=False)  # A GPU or TPU that JAX does not use: say so first.
+    hint = accelerators.quick_start_hint(jax.default_backend(), config_flags.get_config_filename(
+        flags.FLAGS["config"]))
+    if hint:
+      logging.getLogger("transformer_jax").warning(hint)
     experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
   # A bad value, file or checkpoint is one line naming it (exit 2), not a traceback; so is a lost

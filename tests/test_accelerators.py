@@ -114,3 +114,13 @@ def test_cudnn_attention_is_refused_off_a_gpu():
 def test_devices_are_described_by_kind_and_count():
   devices = [gpu("NVIDIA A100", "8.0")] * 2 + [gpu("Tesla T4", "7.5")]
   assert accelerators.describe_devices(devices) == "2 x NVIDIA A100, 1 x Tesla T4"
+
+
+def test_the_cpu_quick_start_on_a_gpu_points_at_the_gpu_config():
+  root = pathlib.Path(__file__).resolve().parent.parent
+  hint = accelerators.quick_start_hint(GPU, str(root / "configs" / "small.py"))
+  gpu_config = root / "configs" / "gpu.py"
+  assert f"--config {gpu_config}" in hint and gpu_config.exists()
+  assert accelerators.quick_start_hint("cpu", str(root / "configs" / "small.py")) is None
+  assert accelerators.quick_start_hint(GPU, str(gpu_config)) is None
+  assert accelerators.quick_start_hint(TPU, str(root / "configs" / "small.py")) is None

@@ -141,6 +141,18 @@ def check_backend(*, strict: bool, root: str | os.PathLike = "/",
   return message
 
 
+def quick_start_hint(backend: str, config_file: str) -> str | None:
+  """What to tell a run of the CPU quick start's config (configs/small.py) on a GPU, where its
+  30-minute budget would be hundreds of epochs of the corpus in float32; None elsewhere."""
+  if backend != GPU or os.path.basename(config_file) != "small.py":
+    return None
+  gpu_config = os.path.join(os.path.dirname(config_file), "gpu.py")
+  return (f"{config_file} is the quick start sized for a CPU (30 minutes in float32, about 7 epochs "
+          f"there). On this GPU, {gpu_config} trains the same model and recipe in bfloat16 with "
+          "cuDNN's attention, held to its steps: python train.py --config "
+          f"{gpu_config} --workdir runs/gpu")
+
+
 def compute_capability(device: Any) -> tuple[int, ...] | None:
   """An NVIDIA GPU's compute capability as (major, minor), from JAX's `device.compute_capability`
   ("8.0"); None where the device does not say (another platform, an abstract device)."""
