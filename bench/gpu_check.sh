@@ -10,7 +10,7 @@
 # the wheels the machine lacks and the prepared Bible corpus in .carry/, which the device tool
 # carries; this script then installs what is missing (into /tmp/site-cpython-3NN) and reads the
 # corpus from there. With $OUT set and no OUT_DIR, every file ends up in one archive,
-# $OUT/gpu_check.tgz.
+# $OUT/gpu_check_PART+PART.tgz.
 #
 # Each part writes OUT_DIR/PART.txt (and prints it), under its own time limit; the script goes on
 # past a failed part (its file says why). The parts, about as long on an H200 as the limits say:
@@ -33,6 +33,9 @@
 #                    with cuDNN attention: which of kernels.py's forms pay on a GPU
 #   profile_forms    base's profile with cuDNN attention, the config's forms (on, 4 slices) and
 #                    autodiff's whole (off, 1): the profile before and after
+#   xla_flags        base with cuDNN attention under XLA flags that move a GPU step's time: CUDA
+#                    graphs off (command buffers), the latency-hiding scheduler, cuBLAS for every
+#                    product instead of Triton's (each in its own process: XLA reads them at start)
 #   quickstart       python train.py --config configs/gpu.py: the quick start on one GPU, minutes to
 #                    validation BLEU 10 / 20 / 25 and the test scores (its metrics, test_metrics.json)
 # CHECK (the default) is the first seven, about 10 minutes on an H200. The device tool allows 10
@@ -43,15 +46,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CHECK="train_step_base train_step_big profile train_step_cudnn attention decode train_step_dot_product"
-KNOWN=" $CHECK forms forms_big profile_forms quickstart "
+KNOWN=" $CHECK forms forms_big profile_forms xla_flags quickstart "
 OUT_DIR="" PARTS=""
 for arg in "$@"; do
   if [[ "$KNOWN" == *" $arg "* ]]; then PARTS="$PARTS $arg"; else OUT_DIR=$arg; fi
 done
 PARTS=${PARTS:-$CHECK}
-ARCHIVE=""
+ARCHIVE=""  # With $OUT and no OUT_DIR (the device tool), one archive named after the parts.
 if [ -z "$OUT_DIR" ] && [ -n "${OUT:-}" ]; then
-  OUT_DIR=$(mktemp -d) ARCHIVE="$OUT/gpu_check.tgz"
+  OUT_DIR=$(mktemp -d) ARCHIVE="$OUT/gpu_check_$(echo $PARTS | tr ' ' '+').tgz"
 fi
 OUT_DIR=${OUT_DIR:-gpu_check}
 PY=${PYTHON:-python}
@@ -131,6 +134,11 @@ for name in $PARTS; do
     profile_forms)
       part profile_forms 150 bash -c "$PROFILE --attention_impl $FUSED --cpu_kernels on --loss_chunks 4 \
         && echo && $PROFILE --attention_impl $FUSED --cpu_kernels off --loss_chunks 1" ;;
+    xla_flags)
+      part xla_flags 300 bash -c "for flags in '' --xla_gpu_enable_command_buffer= \
+        --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false; do
+        echo \"== XLA_FLAGS=\$flags\"; XLA_FLAGS=\"\$(echo \${XLA_FLAGS:-} \$flags)\" $STEP --sizes $BASE \
+          --no_torch --attention_impl $FUSED | grep -A2 '^size'; done" ;;
     quickstart)
       WORKDIR=$(mktemp -d)
       QUICK=(--config configs/gpu.py --workdir "$WORKDIR" "${DATA[@]}" "${QUICKSTART_SIZE[@]}")
