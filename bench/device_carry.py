@@ -23,6 +23,7 @@ the caller puts on PYTHONPATH; it changes nothing the machine has.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -32,8 +33,6 @@ import sys
 import tempfile
 import tomllib
 from collections.abc import Callable, Iterable
-
-import importlib.metadata
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CARRY = ROOT / ".carry"
@@ -74,10 +73,9 @@ def to_carry(report: dict) -> list[tuple[str, str, str]]:
   return carried
 
 
-def wheel_name_version(path: pathlib.Path) -> tuple[str, str]:
-  """(normalized distribution name, version) from a wheel's file name (PEP 427)."""
-  name, version = path.name.split("-")[:2]
-  return normalize(name), version
+def wheel_name(path: pathlib.Path) -> str:
+  """The normalized distribution name in a wheel's file name (PEP 427)."""
+  return normalize(path.name.split("-")[0])
 
 
 def wanted(wheels: Iterable[pathlib.Path], requirements: Iterable[str],
@@ -95,7 +93,7 @@ def wanted(wheels: Iterable[pathlib.Path], requirements: Iterable[str],
   specifiers = {normalize(r.name): r.specifier for r in map(Requirement, requirements)}
   chosen = []
   for wheel in sorted(wheels):
-    name, _ = wheel_name_version(wheel)
+    name = wheel_name(wheel)
     version = installed(name)
     if version is None or (name in specifiers and not specifiers[name].contains(version, prereleases=True)):
       chosen.append(wheel)

@@ -128,9 +128,9 @@ def main():
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--attention_impl", default="einsum", choices=("einsum", "dot_product", "cudnn"))
   parser.add_argument("--loss_chunks", type=int, default=0,
-                      help="slices of the target length for the projection and loss (default: the config's)")
+                      help="slices of the target length for the projection and loss; 0: the config's")
   parser.add_argument("--cpu_kernels", default="config", choices=("config", "on", "off"),
-                      help="model.cpu_kernels: kernels.py's backward forms (on) or autodiff's (off); default: the config's")
+                      help="model.cpu_kernels: kernels.py's backward forms (on), autodiff's (off)")
   parser.add_argument("--keep_trace", default="", help="a directory to copy the raw trace into")
   args = parser.parse_args()
   cpu.keep_cpu_step_memory()  # As train.py and bench/train_step.py do.

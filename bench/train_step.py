@@ -2,6 +2,7 @@
 
   python -m bench.train_step [--sizes small,base] [--rounds 5]          # CPU, float32, vs PyTorch
   python -m bench.train_step --sizes base,big --dtype bfloat16 --batch 200x128 --steps 10  # GPU/TPU
+  python -m bench.train_step --sizes base --cpu_kernels on,off --loss_chunks 4,1 --no_torch  # forms
 
 Times our jitted train step (`steps.make_setup(config).train_step`) on a fixed batch of random
 tokens and prints medians: step time, target tokens/s, model FLOPs utilisation (MFU), and the time
@@ -189,6 +190,9 @@ def main():
   parser.add_argument("--default_memory", action="store_true",
                       help="skip cpu.keep_cpu_step_memory() (which train.py calls)")
   args = parser.parse_args()
+  for choice in args.cpu_kernels.split(","):
+    if choice not in ("config", "on", "off"):
+      parser.error(f"--cpu_kernels={args.cpu_kernels}: each of its values is config, on or off")
   args.batch = tuple(map(int, args.batch.lower().split("x"))) if args.batch else None
   if not args.default_memory:
     cpu.keep_cpu_step_memory()  # As train.py does (the PyTorch peer's process gets keep_heap).
