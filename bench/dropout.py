@@ -1,6 +1,7 @@
 """What dropout costs a train step: ours against flax's `nn.Dropout`, the `rbg` PRNG and none.
 
   python -m bench.dropout [--size base] [--batch 8x128] [--rounds 7]
+  python -m bench.dropout --batch 200x128 --dtype bfloat16 --attention_impl cudnn   # a GPU
 
 `layers.Dropout` takes 16 random bits per unit (two per threefry word); flax's `nn.Dropout`, the
 peer, takes a 32-bit word per unit. The script compiles the train step of one config four ways
@@ -52,6 +53,8 @@ def main():
   parser.add_argument("--size", default="base", help="small, base or big (configs/SIZE.py)")
   parser.add_argument("--batch", default="8x128", help="ROWSxLENGTH per side")
   parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--attention_impl", default="einsum", choices=("einsum", "dot_product", "cudnn"))
   args = parser.parse_args()
   cpu.keep_cpu_step_memory()  # As train.py does.
   rows, length = map(int, args.batch.lower().split("x"))
@@ -59,6 +62,7 @@ def main():
   runs = {}
   for name, (cls, impl, rate) in VARIANTS.items():
     config = load_config_file(os.path.join(CONFIGS, f"{args.size}.py"))
+    config.model.update(dtype=args.dtype, attention_impl=args.attention_impl)
     if rate is not None:
       config.model.dropout_rate = rate
     setup = steps.make_setup(config)
@@ -81,13 +85,14 @@ def main():
       run["times"].append(time.perf_counter() - t0)
 
   print(f"\nCPU: {cpu_description()}")
-  print(f"{args.size}, batch {rows}x{length}, jax {jax.__version__} ({jax.devices()[0].device_kind}), "
-        f"medians of {args.rounds} interleaved steps\n")
+  print(f"{args.size}, batch {rows}x{length}, {args.dtype}, attention_impl={args.attention_impl}, "
+        f"jax {jax.__version__} ({jax.devices()[0].device_kind}), medians of {args.rounds} "
+        "interleaved steps\n")
   reference = statistics.median(runs["no dropout"]["times"])
   print(f"{'variant':<28}{'rate':>6}{'ms/step':>10}{'x no dropout':>14}")
   for name, run in runs.items():
     median = statistics.median(run["times"])
-    print(f"{name:<28}{run['rate']:>6.2f}{median * 1e3:>10.0f}{median / reference:>13.3f}x")
+    print(f"{name:<28}{run['rate']:>6.2f}{median * 1e3:>10.1f}{median / reference:>13.3f}x")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@
 #   xla_flags        base with cuDNN attention under XLA flags that move a GPU step's time: CUDA
 #                    graphs off (command buffers), the latency-hiding scheduler, cuBLAS for every
 #                    product instead of Triton's (each in its own process: XLA reads them at start)
+#   dropout          base's step with our dropout (16 threefry bits a unit), flax's (32), flax's
+#                    with the rbg PRNG (XLA's RngBitGenerator) and none (bench/dropout.py)
 #   quickstart       python train.py --config configs/gpu.py: the quick start on one GPU, minutes to
 #                    validation BLEU 10 / 20 / 25 and the test scores (its metrics, test_metrics.json)
 # CHECK (the default) is the first seven, about 10 minutes on an H200. The device tool allows 10
@@ -46,7 +48,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CHECK="train_step_base train_step_big profile train_step_cudnn attention decode train_step_dot_product"
-KNOWN=" $CHECK forms forms_big profile_forms xla_flags quickstart "
+KNOWN=" $CHECK forms forms_big profile_forms xla_flags dropout quickstart "
 OUT_DIR="" PARTS=""
 for arg in "$@"; do
   if [[ "$KNOWN" == *" $arg "* ]]; then PARTS="$PARTS $arg"; else OUT_DIR=$arg; fi
@@ -90,6 +92,8 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit (240 s at tiny s
   timeout "$limit" "$@" 2>&1 | tee -a "$OUT_DIR/$name.txt"
   local status=${PIPESTATUS[0]}
   [ "$status" = 0 ] || echo "== $name: exit status $status" | tee -a "$OUT_DIR/$name.txt"
+  # Archived after every part: a device call cut short still brings back the parts it finished.
+  [ -z "$ARCHIVE" ] || tar -czf "$ARCHIVE" -C "$OUT_DIR" .
 }
 
 if [ -d .carry/wheels ]; then  # A lent machine: what it lacks, from the carried wheels.
@@ -139,6 +143,8 @@ for name in $PARTS; do
         --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false; do
         echo \"== XLA_FLAGS=\$flags\"; XLA_FLAGS=\"\$(echo \${XLA_FLAGS:-} \$flags)\" $STEP --sizes $BASE \
           --no_torch --attention_impl $FUSED | grep -A2 '^size'; done" ;;
+    dropout) part dropout 240 $PY -m bench.dropout --size "$BASE" --batch "$BATCH" --dtype bfloat16 \
+      --attention_impl $FUSED --rounds 10 ;;
     quickstart)
       WORKDIR=$(mktemp -d)
       QUICK=(--config configs/gpu.py --workdir "$WORKDIR" "${DATA[@]}" "${QUICKSTART_SIZE[@]}")

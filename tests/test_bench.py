@@ -202,24 +202,27 @@ def test_the_device_carry_takes_what_the_image_lacks_and_installs_what_is_missin
   assert any(r.startswith("orbax-checkpoint") for r in device_carry.project_requirements())
 
 
-@pytest.mark.slow  # About three minutes: eight train steps, two profiles and a tiny training run.
+@pytest.mark.slow  # About four minutes: a dozen train steps, two profiles and a tiny training run.
 def test_the_gpu_check_runs_the_forms_and_the_gpu_quick_start_at_tiny_sizes(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "GPU_CHECK_SMOKE": "1", "PYTHON": sys.executable}
   env.pop("XLA_FLAGS", None)
   env["OUT"] = str(tmp_path)  # As the device tool sets it: the parts' files come back archived.
   done = subprocess.run(["bash", "bench/gpu_check.sh", "forms", "profile_forms", "xla_flags",
-                         "quickstart"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                         "dropout", "quickstart"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
-  with tarfile.open(tmp_path / "gpu_check_forms+profile_forms+xla_flags+quickstart.tgz") as archive:
+  with tarfile.open(tmp_path / "gpu_check_forms+profile_forms+xla_flags+dropout+quickstart.tgz") as archive:
     archive.extractall(tmp_path / "check", filter="data")
   check = tmp_path / "check"
   parts = {p.name: p.read_text() for p in check.glob("*.txt")}
-  assert {"devices.txt", "forms.txt", "profile_forms.txt", "xla_flags.txt", "quickstart.txt"} <= set(parts)
+  assert {"devices.txt", "forms.txt", "profile_forms.txt", "xla_flags.txt", "dropout.txt",
+          "quickstart.txt"} <= set(parts)
   failed = [name for name, text in parts.items() if "exit status" in text]
   assert not failed, {name: parts[name][-2000:] for name in failed}
   rows = [line for line in parts["forms.txt"].splitlines() if line.startswith("small, cpu_kernels=")]
   assert len(rows) == 4, parts["forms.txt"]
   assert parts["profile_forms.txt"].count("busy (at least one op running") == 2
   assert parts["xla_flags.txt"].count("\nsmall ") == 4, parts["xla_flags.txt"]  # Each flag set's row.
+  assert "flax nn.Dropout, rbg PRNG" in parts["dropout.txt"]
   assert "first reached: BLEU 10 at" in parts["quickstart.txt"]
   assert (check / "test_metrics.json").exists() and (check / "metrics.jsonl").exists()
