@@ -47,7 +47,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   metrics = workdir / "metrics.jsonl"
   deadline = time.monotonic() + TIMEOUT
-  while time.monotonic() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+  # Two train records (steps 2 and 4; each comes with a goodput record): the run is past step 4
+  # when the signal comes, whenever the loop reads it.
+  while time.monotonic() < deadline and not (
+      metrics.exists() and metrics.read_text().count('"split": "train"') >= 2):
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   output = proc.communicate(timeout=60)[0]
