@@ -176,6 +176,7 @@ def test_the_profile_counts_overlapping_ops_once():
   assert busy_time([(2.0, 6.0), (0.0, 4.0), (7.0, 10.0), (7.0, 9.0), (12.0, 13.0)]) == 10.0
 
 
+@pytest.mark.slow  # About 75 s on a CPU, most of it the matmul peak measured between rounds.
 def test_train_step_benchmark_times_each_form_of_the_loss_in_one_process():
   out = run_script("-m", "bench.train_step", "--sizes", "small", "--batch", "2x16", "--rounds", "1",
                    "--steps", "1", "--no_torch", "--cpu_kernels", "on,off", "--loss_chunks", "2,1")
