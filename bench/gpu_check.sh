@@ -97,9 +97,9 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit (240 s at tiny s
 }
 
 if [ -d .carry/wheels ]; then  # A lent machine: what it lacks, from the carried wheels.
-  SITE=/tmp/site-$($PY -c "import sys; print(sys.implementation.cache_tag)")  # One per Python.
+  SITE=$($PY -c "from bench.device_carry import SITE; print(SITE)")
   export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
-  part install 120 $PY -m bench.device_carry install --target "$SITE"
+  part install 120 $PY -m bench.device_carry install
 fi
 DATA=()  # Where the quick start's corpus is prepared: the carried Bible, or the smoke run's own.
 [ -d .carry/tensorflow_datasets ] && DATA=(--config.data.data_dir="$PWD/.carry/tensorflow_datasets")
